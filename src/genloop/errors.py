@@ -1,0 +1,21 @@
+"""User-facing errors: each message says what is wrong, where, and what to do."""
+
+
+class GenloopError(Exception):
+    """An error the user can fix; the CLI prints its message without a traceback."""
+
+
+class ConfigError(GenloopError):
+    """params.yaml or a --set override is invalid."""
+
+
+class SourceError(GenloopError):
+    """A collect source cannot be read."""
+
+
+class ValidationFailed(GenloopError):
+    """The data gate rejected the dataset; training must not start."""
+
+
+class StageInputMissing(GenloopError):
+    """A stage's input (written by an earlier stage) is absent."""

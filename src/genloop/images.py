@@ -1,0 +1,116 @@
+"""Decoding untrusted image bytes and normalising them into training images."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class RejectedImage(Exception):
+    """The bytes are not a usable image; the message is the reason shown in reports."""
+
+
+@dataclass(frozen=True)
+class Normalised:
+    png: bytes
+    pixel_hash: str
+    phash: str
+    width: int  # of the original image
+    height: int
+    original_mode: str
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images scaled into 8 bits by their own range."""
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return Image.fromarray(((arr - lo) * scale).round().astype(np.uint8), mode="L")
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL mode to L or RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _to_8bit(img)
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        img = _composite_on_white(img)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
+    return img.convert(mode)
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decode `data`, or raise RejectedImage with the reason."""
+    if not data:
+        raise RejectedImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise RejectedImage(
+                    f"decompression bomb: {w}x{h} = {w * h} pixels > clean.max_pixels={max_pixels}"
+                )
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated images: the first frame is used
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except RejectedImage:
+        raise
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image: no known image format recognised") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RejectedImage(f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise RejectedImage(f"truncated or corrupt image: {exc}") from None
+
+
+def normalise(
+    data: bytes, *, mode: str, resolution: int, max_pixels: int, min_side: int, blank_std: float
+) -> Normalised:
+    """Decode, convert, square-crop, resize and re-encode an image without metadata."""
+    import imagehash
+
+    img = decode(data, max_pixels)
+    width, height = img.size
+    original_mode = img.mode
+    if min(width, height) < min_side:
+        raise RejectedImage(f"too small: {width}x{height} < clean.min_side={min_side}")
+    img = to_mode(img, mode)
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    pixels = np.asarray(img)
+    std = float(pixels.std())
+    if std < blank_std:
+        raise RejectedImage(f"blank image: pixel std {std:.2f} < clean.blank_std={blank_std}")
+    clean = Image.fromarray(pixels, mode=mode)  # a fresh image: no EXIF, ICC or text chunks
+    buf = io.BytesIO()
+    clean.save(buf, format="PNG", optimize=False)
+    pixel_hash = hashlib.sha256(f"{mode}{resolution}".encode() + pixels.tobytes()).hexdigest()
+    return Normalised(
+        png=buf.getvalue(),
+        pixel_hash=pixel_hash,
+        phash=str(imagehash.phash(clean)),
+        width=width,
+        height=height,
+        original_mode=original_mode,
+    )
+
+
+def load_png_array(data: bytes) -> np.ndarray:
+    """A clean PNG as an HxWxC uint8 array."""
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    return arr[:, :, None] if arr.ndim == 2 else arr
