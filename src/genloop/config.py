@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -104,7 +104,10 @@ class TrainParams(_Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
     log_every: int = Field(25, ge=1, description="steps between metric flushes")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
-    grid_size: int = Field(64, ge=1, description="images in each per-epoch sample grid")
+    grid_size: int = Field(80, ge=1, description="images in each per-epoch sample grid")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the last checkpoint of the same data and settings"
+    )
 
 
 class EvaluateParams(_Section):
@@ -225,8 +228,12 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
         if err["type"] == "extra_forbidden":
             parent: Any = Params
             for p in err["loc"][:-1]:
+                if isinstance(p, int):
+                    continue  # an item of a list of sections (collect.sources.0): its model
                 fields = {(f.alias or n): f for n, f in parent.model_fields.items()}
                 ann = fields[str(p)].annotation if str(p) in fields else None
+                if get_origin(ann) is list and get_args(ann):
+                    ann = get_args(ann)[0]
                 parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
                 if parent is None:
                     break

@@ -1,0 +1,41 @@
+# genloop: `make run` installs and runs the whole loop; `make test` installs and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch: from the local wheel folder where the machine has one, else
+# from PyTorch's CPU index (the lock pins torch==2.13.0+cpu).
+TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install run test lint lock clean-workspace
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.9
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_SOURCE) -r requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv and install the pinned lock + genloop
+
+run: install  ## collect the built-in corpus and run the whole loop (Prefect flow, MLflow, DVC)
+	$(BIN)/genloop loop
+
+test: install  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests flows
+
+lock:  ## re-resolve requirements.lock after changing pyproject.toml
+	uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
+	  --override requirements-torch-override.txt --no-emit-find-links -o requirements.lock
+
+clean-workspace:  ## remove everything the loop wrote (data, models, runs, outputs)
+	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop gx/uncommitted data.dvc

@@ -1,0 +1,217 @@
+"""Feature extractors for evaluation and curation, and nearest-neighbour distances.
+
+Standard Inception features need weights on disk (and torch-fidelity); offline, genloop
+trains its own in-domain extractor on the clean train split: a small CNN classifier when
+every image has a label, else a convolutional autoencoder. It is cached by data version,
+so statistics from one data version are never reused for another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from genloop.config import Params
+from genloop.dataset import ImageSet, load_split, to_unit
+from genloop.errors import ConfigError
+from genloop.progress import Progress
+from genloop.provenance import data_version
+from genloop.storage import atomic_path, sha256_bytes, write_text_atomic
+from genloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class DomainExtractor(nn.Module):
+    """A small CNN: 128-d features; a classifier head, or a decoder when there are no labels.
+
+    Takes images as float in [0, 1] (N, C, H, W), as torchmetrics passes them with
+    normalize=True.
+    """
+
+    num_features = 128
+
+    def __init__(self, channels: int, resolution: int, num_classes: int):
+        super().__init__()
+        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, 1, 1), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, 1, 1), nn.ReLU(True), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(128 * 16, self.num_features), nn.ReLU(True),
+        )
+        if num_classes:
+            self.head: nn.Module = nn.Linear(self.num_features, num_classes)
+        else:
+            side = resolution // 4
+            self.head = nn.Sequential(
+                nn.Linear(self.num_features, 64 * side * side), nn.ReLU(True),
+                nn.Unflatten(1, (64, side, side)),
+                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),
+                nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Tanh(),
+            )
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        if x.shape[1] != self.channels:  # torchmetrics probes with 3-channel dummies
+            x = x.mean(dim=1, keepdim=True) if self.channels == 1 else x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear")
+        return x * 2 - 1
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self._prep(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    @torch.no_grad()
+    def realism(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image score in [0, 1]: classifier confidence, or reconstruction quality."""
+        h = self.features(x)
+        if self.num_classes:
+            return F.softmax(self.head(h), dim=1).max(dim=1).values
+        err = (self.head(h) - self._prep(x)).pow(2).flatten(1).mean(1)
+        return torch.exp(-err / 0.05)
+
+
+@dataclass(frozen=True)
+class Extractor:
+    module: DomainExtractor
+    kind: str  # "domain-classifier" | "domain-autoencoder"
+    path: Path
+    data_version: str
+    accuracy: float | None
+    reason: str  # why this extractor was chosen
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.kind,
+            "path": str(self.path),
+            "data_version": self.data_version,
+            "train_accuracy": self.accuracy,
+            "features": self.module.num_features,
+            "why": self.reason,
+        }
+
+
+def _inception_unavailable(cfg: Params) -> str | None:
+    """Why standard Inception features cannot be used here (None when they can)."""
+    weights = cfg.evaluate.inception_weights
+    if not weights:
+        return "no local Inception weights configured (evaluate.inception_weights)"
+    if not Path(weights).expanduser().exists():
+        return f"Inception weights not found at {weights}"
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return "torch-fidelity (and torchvision) are not installed"
+    return None
+
+
+def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> float | None:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=2e-3)
+    n, batch = len(data), 128
+    steps = max(1, math.ceil(n / batch)) * epochs
+    gen = torch.Generator().manual_seed(seed)
+    correct = seen = 0
+    module.train()
+    with Progress("extractor", steps, "steps") as bar:
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n, batch):
+                idx = perm[i : i + batch]
+                x = data.images[idx].float() / 255.0
+                h = module.features(x)
+                if module.num_classes:
+                    assert data.labels is not None
+                    logits = module.head(h)
+                    y = data.labels[idx]
+                    loss = F.cross_entropy(logits, y)
+                    if epoch == epochs - 1:
+                        correct += int((logits.argmax(1) == y).sum())
+                        seen += len(idx)
+                else:
+                    loss = F.mse_loss(module.head(h), module._prep(x))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.advance(loss=float(loss))
+    module.eval()
+    return correct / seen if seen else None
+
+
+def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
+    """The in-domain extractor for the current data version: loaded if cached, else trained."""
+    reason = _inception_unavailable(cfg)
+    if cfg.evaluate.extractor == "inception":
+        raise ConfigError(
+            f"evaluate.extractor=inception but {reason or 'Inception is not wired in'}; "
+            "use evaluate.extractor=auto to fall back to the in-domain extractor"
+        )
+    why = "evaluate.extractor=domain" if cfg.evaluate.extractor == "domain" else f"auto: {reason}"
+    version = data_version(ws)
+    data = load_split(ws, "train")
+    channels = data.images.shape[1]
+    key = sha256_bytes(
+        f"{version}|{cfg.data.resolution}|{cfg.data.mode}|{cfg.evaluate.extractor_epochs}|{data.classes}".encode()
+    )[:16]
+    path = ws.cache / "extractors" / f"{key}.pt"
+    module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
+    kind = "domain-classifier" if data.classes else "domain-autoencoder"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        module.eval()
+        accuracy = json.loads(meta_path.read_text()).get("train_accuracy")
+        log.info("extractor: reusing %s (data version %s)", path, version)
+    else:
+        accuracy = _fit(module, data, cfg.evaluate.extractor_epochs, seed=cfg.evaluate.seed)
+        with atomic_path(path) as tmp:
+            torch.save(module.state_dict(), tmp)
+        write_text_atomic(meta_path, json.dumps({"kind": kind, "data_version": version,
+                                                 "train_accuracy": accuracy}))
+    return Extractor(module, kind, path, version, accuracy, why)
+
+
+@torch.no_grad()
+def embed(module: DomainExtractor, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Features of uint8 NCHW images."""
+    return torch.cat([module(images[i : i + batch].float() / 255.0) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def nearest(query: torch.Tensor, bank: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to, and index of, each query feature's nearest neighbour in `bank`."""
+    dists, idxs = [], []
+    for i in range(0, len(query), batch):
+        d = torch.cdist(query[i : i + batch], bank)
+        m = d.min(dim=1)
+        dists.append(m.values)
+        idxs.append(m.indices)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def novelty_scale(holdout_feats: torch.Tensor, train_feats: torch.Tensor) -> float:
+    """Median distance from a real unseen image to its nearest training image: the unit
+    that makes novelty comparable across extractors (1.0 ~ as novel as fresh real data)."""
+    d, _ = nearest(holdout_feats, train_feats)
+    return float(d.median().clamp_min(1e-8))
+
+
+def to_nchw_uint8(nhwc: torch.Tensor | object) -> torch.Tensor:
+    t = torch.as_tensor(nhwc)
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+__all__ = ["Extractor", "DomainExtractor", "get_extractor", "embed", "nearest", "novelty_scale",
+           "to_nchw_uint8", "to_unit"]

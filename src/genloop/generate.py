@@ -1,0 +1,76 @@
+"""generate: load `models:/<name>@champion` through mlflow.pyfunc and write PNGs.
+
+Images land in outputs/generated/<model version>/ with manifest.parquet (file, seed,
+model name, version, label) so every image can be traced to the model that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from genloop import tracking
+from genloop.config import Params
+from genloop.errors import GenloopError
+from genloop.grids import make_grid
+from genloop.progress import Progress
+from genloop.storage import atomic_dir, write_json_atomic
+from genloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+GENERATED_COLUMNS = ["file", "seed", "index", "label", "model_name", "model_version"]
+
+
+def load_champion(cfg: Params, ws: Workspace) -> tuple[Any, str]:
+    """The champion pyfunc model and its version number."""
+    import mlflow
+
+    tracking.configure(ws, cfg)
+    name = cfg.register_.model_name
+    champion = tracking.get_alias_version(name, "champion")
+    if champion is None:
+        raise GenloopError(
+            f"model {name!r} has no 'champion' alias at {tracking.tracking_uri(ws)}: run `genloop register`"
+        )
+    return mlflow.pyfunc.load_model(f"models:/{name}@champion"), str(champion.version)
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Write `generate.n` images from the champion to outputs/generated/<version>/."""
+    g = cfg.generate
+    model, version = load_champion(cfg, ws)
+    spec = model.unwrap_python_model().spec
+    classes = spec.classes
+    rows, grid_images = [], []
+    target = ws.generated / version
+    with atomic_dir(target) as tmp, Progress("generate", g.n, "images") as bar:
+        for start in range(0, g.n, g.batch_size):
+            count = min(g.batch_size, g.n - start)
+            seed = g.seed + start  # one seed per batch: any batch can be regenerated alone
+            request = {"n": [count], "seed": [seed]}
+            if g.label is not None:
+                request["label"] = [str(g.label)]
+            images = model.predict(pd.DataFrame(request))
+            for i, img in enumerate(images):
+                index = start + i
+                name = f"{index:06d}.png"
+                Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(tmp / name)
+                label = str(g.label) if g.label is not None else (classes[i % len(classes)] if classes else None)
+                rows.append({"file": name, "seed": seed, "index": i, "label": label,
+                             "model_name": cfg.register_.model_name, "model_version": version})
+            if len(grid_images) < 80:
+                grid_images.extend(images[: 80 - len(grid_images)])
+            bar.advance(count)
+        pd.DataFrame(rows, columns=GENERATED_COLUMNS).to_parquet(tmp / "manifest.parquet", index=False)
+        import numpy as np
+
+        make_grid(np.stack(grid_images), columns=len(classes) or None, scale=2).save(tmp / "grid.png")
+    summary = {"model_name": cfg.register_.model_name, "model_version": version, "n": len(rows),
+               "folder": str(target), "seed": g.seed}
+    write_json_atomic(ws.report("generate"), summary)
+    log.info("generate: %d images from %s v%s in %s", len(rows), cfg.register_.model_name, version, target)
+    return summary

@@ -1,0 +1,35 @@
+"""Logging set-up for entry points (the CLI); the library itself only logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+OFFLINE_DEFAULTS = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "genloop",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def setup(verbose: bool = False) -> None:
+    """Rich log lines on stderr; quiet third-party loggers; offline-friendly defaults."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    for k, v in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+    for noisy in ("mlflow", "alembic", "great_expectations", "urllib3", "botocore", "matplotlib",
+                  "httpx", "prefect", "filelock", "PIL", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -1,0 +1,107 @@
+"""Generative model families, one self-contained module each, picked by name.
+
+Every family module exposes `build_generator(spec)` and a `Trainer` class; a
+`GeneratorSpec` (saved as JSON beside the weights) is all that is needed to rebuild a
+generator from its state dict, in training, evaluation and the MLflow pyfunc model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from genloop.errors import GenloopError
+
+FAMILIES = ("dcgan",)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What a generator is: its family, image shape, classes and hyper-parameters."""
+
+    family: str
+    resolution: int
+    channels: int
+    classes: list[str] = field(default_factory=list)  # empty: unconditional
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> GeneratorSpec:
+        return cls(**json.loads(text))
+
+
+def family(name: str) -> ModuleType:
+    """The module implementing a model family."""
+    if name not in FAMILIES:
+        raise GenloopError(f"model.family={name!r} is unknown; choose one of {', '.join(FAMILIES)}")
+    return importlib.import_module(f"genloop.models.{name}")
+
+
+def save_generator(module: torch.nn.Module, spec: GeneratorSpec, weights: Path) -> None:
+    """Write the generator's state dict and spec (weights.with_suffix('.json')) atomically."""
+    from genloop.storage import atomic_path, write_text_atomic
+
+    with atomic_path(weights) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    write_text_atomic(weights.with_suffix(".json"), spec.to_json())
+
+
+def load_generator(weights: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, GeneratorSpec]:
+    """Rebuild a generator from its state dict (loaded with weights_only=True) and spec."""
+    spec_path = Path(weights).with_suffix(".json")
+    if not Path(weights).exists() or not spec_path.exists():
+        raise GenloopError(f"generator {weights} (+ {spec_path.name}) not found: run `genloop train`")
+    spec = GeneratorSpec.from_json(spec_path.read_text())
+    gen = family(spec.family).build_generator(spec)
+    gen.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return gen.to(device).eval(), spec
+
+
+def class_labels(spec: GeneratorSpec, n: int, label: str | int | None) -> torch.Tensor | None:
+    """Class indices for `n` samples: all `label`, or cycling through the classes."""
+    if not spec.classes:
+        return None
+    if label is None:
+        return torch.arange(n) % spec.num_classes
+    name = str(label)
+    if name not in spec.classes:
+        raise GenloopError(f"label {name!r} is not a class of this model; classes: {spec.classes}")
+    return torch.full((n,), spec.classes.index(name), dtype=torch.long)
+
+
+@torch.no_grad()
+def sample(
+    gen: torch.nn.Module,
+    spec: GeneratorSpec,
+    n: int,
+    seed: int,
+    label: str | int | None = None,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """`n` images as uint8 NHWC, the same for the same seed on any device."""
+    device = next(gen.parameters()).device
+    rng = torch.Generator().manual_seed(seed)
+    latent = family(spec.family).latent_shape(spec)
+    z = torch.randn((n, *latent), generator=rng)
+    labels = class_labels(spec, n, label)
+    out = []
+    for start in range(0, n, batch_size):
+        zb = z[start : start + batch_size].to(device)
+        yb = labels[start : start + batch_size].to(device) if labels is not None else None
+        x = gen(zb, yb).float().clamp(-1, 1)
+        out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, spec.resolution, spec.resolution, spec.channels), np.uint8)

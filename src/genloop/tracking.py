@@ -1,0 +1,222 @@
+"""The only module that talks to MLflow: where runs go, what they are tagged with, and the
+model registry (versions, aliases, tags).
+
+With no MLFLOW_TRACKING_URI set, runs go to `sqlite:///<workspace>/mlflow.db` with
+artifacts in `<workspace>/mlartifacts` (MLflow 3 refuses a plain ./mlruns file store).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from genloop.config import Params
+from genloop.errors import GenloopError
+from genloop.provenance import data_version, git_commit
+from genloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "GENLOOP_PARENT_RUN_ID"
+_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def tracking_uri(ws: Workspace) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ws.mlflow_db}"
+
+
+def ui_command(ws: Workspace) -> str:
+    """The command that opens the MLflow UI on this workspace's runs."""
+    uri = tracking_uri(ws)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {ws.mlflow_artifacts.as_uri()}"
+
+
+def configure(ws: Workspace, cfg: Params) -> str:
+    """Point MLflow at this workspace's store, check it answers, select the experiment.
+
+    Returns the experiment id. Raises GenloopError naming the URI when the server is down.
+    """
+    import mlflow
+
+    for var, value in _RETRY_DEFAULTS.items():
+        os.environ.setdefault(var, value)
+    uri = tracking_uri(ws)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        mlflow.set_registry_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            location = ws.mlflow_artifacts.as_uri() if uri.startswith("sqlite:") else None
+            exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+    except Exception as exc:  # MlflowException, requests errors: all mean "tracking unusable"
+        raise GenloopError(
+            f"MLflow tracking at {uri} is not reachable ({exc.__class__.__name__}: {exc}). "
+            "Start the server or fix MLFLOW_TRACKING_URI."
+        ) from exc
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _prefect_flow_run_id() -> str | None:
+    import sys
+
+    if "prefect" not in sys.modules:
+        return os.environ.get("PREFECT__FLOW_RUN_ID")
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.id or os.environ.get("PREFECT__FLOW_RUN_ID")
+    except Exception:  # outside a flow run the runtime may raise
+        return os.environ.get("PREFECT__FLOW_RUN_ID")
+
+
+def provenance_tags(ws: Workspace, cfg: Params, stage: str) -> dict[str, str]:
+    tags = {
+        "genloop.stage": stage,
+        "genloop.data_version": data_version(ws),
+        "genloop.git_commit": git_commit(ws.root),
+        "genloop.params_hash": cfg.section_hash(*cfg.model_dump(by_alias=True).keys()),
+    }
+    flow_run = _prefect_flow_run_id()
+    if flow_run:
+        tags["genloop.prefect_flow_run_id"] = str(flow_run)
+    return tags
+
+
+@contextmanager
+def stage_run(ws: Workspace, cfg: Params, stage: str, log_params: bool = False) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the loop's parent run when there is one."""
+    import mlflow
+
+    configure(ws, cfg)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    with mlflow.start_run(run_name=stage, parent_run_id=parent or None, nested=bool(parent)) as run:
+        mlflow.set_tags(provenance_tags(ws, cfg, stage))
+        if log_params:
+            mlflow.log_params(cfg.flat())
+        yield run
+
+
+@contextmanager
+def parent_run(ws: Workspace, cfg: Params, name: str = "loop") -> Iterator[Any]:
+    """The parent run of one loop iteration; stage runs started inside nest under it."""
+    import mlflow
+
+    configure(ws, cfg)
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags(provenance_tags(ws, cfg, name))
+        mlflow.log_params(cfg.flat())
+        previous = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        try:
+            yield run
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = previous
+
+
+class MetricBuffer:
+    """Buffers step metrics and sends them with one log_batch call every `every` steps."""
+
+    def __init__(self, run_id: str, every: int = 25) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        self.run_id = run_id
+        self.every = every
+        self.pending: list[Any] = []
+        self._steps = 0
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), ts, step) for k, v in values.items())
+        self._steps += 1
+        if self._steps % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+
+def log_image(image: Any, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_image(image, artifact_file)
+
+
+def log_json(obj: dict[str, Any], artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+# --- registry -------------------------------------------------------------------------
+
+
+def get_alias_version(name: str, alias: str) -> Any | None:
+    """The model version an alias points to, or None when the model or alias is absent."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def tag_version(name: str, version: str | int, tags: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def version_tags(name: str, version: str | int) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient().get_model_version(name, str(version)).tags)
+
+
+def tag_run(tags: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_metrics(values: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)

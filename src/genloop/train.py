@@ -1,0 +1,190 @@
+"""train: fit the generator on data/clean's train split and log it all to MLflow.
+
+The whole dataset sits on the training device as uint8 (no DataLoader); batches are drawn
+from a seeded permutation. EMA weights are kept and are what evaluation and generation
+use. Checkpoints (models, optimizers, EMA, RNG states, step) are written every
+`train.checkpoint_every` steps; with `train.resume: auto` a rerun continues from the last
+one, so a killed run loses at most that many steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from genloop import tracking
+from genloop.config import Params
+from genloop.dataset import ImageSet, load_split, to_unit
+from genloop.device import Runtime, runtime
+from genloop.grids import make_grid
+from genloop.models import GeneratorSpec, family, sample, save_generator
+from genloop.progress import Progress
+from genloop.provenance import data_version
+from genloop.storage import atomic_path, sha256_bytes, write_json_atomic
+from genloop.workspace import Workspace
+
+log = logging.getLogger(__name__)
+GRID_SEED = 7
+
+
+def _spec(cfg: Params, data: ImageSet) -> GeneratorSpec:
+    conditional = cfg.model.conditional == "yes" or (
+        cfg.model.conditional == "auto" and data.labels is not None
+    )
+    if cfg.model.conditional == "yes" and data.labels is None:
+        from genloop.errors import ConfigError
+
+        raise ConfigError("model.conditional=yes but the dataset has no labels on every image")
+    hparams = getattr(cfg.model, cfg.model.family).model_dump()
+    return GeneratorSpec(
+        family=cfg.model.family,
+        resolution=cfg.data.resolution,
+        channels=1 if cfg.data.mode == "L" else 3,
+        classes=data.classes if conditional else [],
+        hparams=hparams,
+    )
+
+
+def checkpoint_dir(cfg: Params, ws: Workspace) -> Path:
+    """Checkpoints are shared only by runs with the same data and training settings."""
+    t = cfg.train
+    key = sha256_bytes(
+        f"{data_version(ws)}|{cfg.section_hash('data', 'model')}|"
+        f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}".encode()
+    )[:16]
+    return ws.cache / "checkpoints" / key
+
+
+def _save_checkpoint(path: Path, trainer: Any, ema: AveragedModel, state: dict[str, Any]) -> None:
+    payload = {
+        "modules": {k: m.state_dict() for k, m in trainer.modules().items()},
+        "optimizers": {k: o.state_dict() for k, o in trainer.optimizers().items()},
+        "ema": ema.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: Path, trainer: Any, ema: AveragedModel) -> dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    for k, m in trainer.modules().items():
+        m.load_state_dict(payload["modules"][k])
+    for k, o in trainer.optimizers().items():
+        o.load_state_dict(payload["optimizers"][k])
+    ema.load_state_dict(payload["ema"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    return payload
+
+
+def _grid(ema: AveragedModel, spec: GeneratorSpec, n: int) -> Any:
+    images = sample(ema.module, spec, n, seed=GRID_SEED)
+    return make_grid(images, columns=spec.num_classes or None, scale=2)
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Train the configured family; write models/generator.pt(+.json) and reports/train.*"""
+    t = cfg.train
+    rt: Runtime = runtime(t.device, t.precision, t.channels_last, t.threads)
+    torch.manual_seed(t.seed)
+    data = load_split(ws, "train")
+    spec = _spec(cfg, data)
+    labels_on = bool(spec.classes)
+    data = data.to(rt.device)
+    trainer = family(spec.family).Trainer(spec, t.lr, t.beta1, rt.device)
+    if rt.channels_last:
+        for m in trainer.modules().values():
+            m.to(memory_format=torch.channels_last)
+    step_fn = torch.compile(trainer.step) if t.compile else trainer.step
+    ema = AveragedModel(trainer.generator, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    ema.module.eval()
+
+    n = len(data)
+    batch = min(t.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
+    total_steps = steps_per_epoch * t.epochs
+    data_rng = torch.Generator().manual_seed(t.seed + 1)
+    ckpt_dir = checkpoint_dir(cfg, ws)
+    last = ckpt_dir / "last.pt"
+    step, history = 0, []
+    epoch_rng_state = data_rng.get_state()
+    if t.resume == "auto" and last.exists():
+        state = _load_checkpoint(last, trainer, ema)
+        step, history = int(state["step"]), list(state.get("history_rows", []))
+        epoch_rng_state = state["epoch_rng_state"]
+        log.info("train: resuming from %s at step %d", last, step)
+    resumed_from = step
+
+    with tracking.stage_run(ws, cfg, "train", log_params=True) as run:
+        tracking.tag_run({"genloop.device": rt.describe(), "genloop.resumed_from_step": resumed_from})
+        metrics = tracking.MetricBuffer(run.info.run_id, every=t.log_every)
+        start = time.perf_counter()
+        with Progress("train", total_steps, "steps") as bar:
+            bar.advance(step)
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                data_rng.set_state(epoch_rng_state)
+                perm = torch.randperm(n, generator=data_rng).to(rt.device)
+                for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
+                    idx = perm[i * batch : (i + 1) * batch]
+                    x = to_unit(data.images[idx])
+                    if rt.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = data.labels[idx] if labels_on and data.labels is not None else None
+                    losses = step_fn(x, y, rt.autocast())
+                    ema.update_parameters(trainer.generator)
+                    step += 1
+                    if step % t.log_every == 0 or step == total_steps:
+                        values = {k: float(v) for k, v in losses.items()}
+                        values["img_per_s"] = (step - resumed_from) * batch / (time.perf_counter() - start)
+                        metrics.add(step, values)
+                        history.append({"step": step, "epoch": epoch + 1, **values})
+                        bar.advance(0, loss_d=values["loss_d"], loss_g=values["loss_g"],
+                                    img_s=round(values["img_per_s"]))
+                    bar.advance()
+                    if step % t.checkpoint_every == 0:
+                        _save_checkpoint(last, trainer, ema, {
+                            "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
+                epoch_rng_state = data_rng.get_state()
+                tracking.log_image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
+        metrics.flush()
+        seconds = time.perf_counter() - start
+        _save_checkpoint(last, trainer, ema, {
+            "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
+        save_generator(ema.module, spec, ws.generator)
+        final_grid = _grid(ema, spec, t.grid_size)
+        tracking.log_image(final_grid, "samples/final.png")
+        ws.reports.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ws.reports / "train_samples.png") as tmp:
+            final_grid.save(tmp, format="PNG")
+        with atomic_path(ws.reports / "train.csv") as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+        trained = step - resumed_from
+        summary = {
+            "run_id": run.info.run_id,
+            "family": spec.family,
+            "conditional": labels_on,
+            "classes": spec.classes,
+            "images": n,
+            "steps": step,
+            "epochs": t.epochs,
+            "resumed_from_step": resumed_from,
+            "seconds": round(seconds, 2),
+            "img_per_s": round(trained * batch / seconds, 1) if trained and seconds > 0 else None,
+            "device": rt.describe(),
+            "final": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith(("loss", "d_"))},
+        }
+        tracking.log_metrics({"train_seconds": seconds, "train_steps": step})
+    write_json_atomic(ws.report("train"), summary)
+    log.info("train: %d steps in %.1fs on %s", step, seconds, rt.describe())
+    return summary

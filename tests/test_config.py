@@ -1,0 +1,201 @@
+"""params.yaml + --set overrides: typed values, and errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from genloop.config import Params, Source, load_params
+from genloop.errors import ConfigError
+
+
+def test_defaults_validate() -> None:
+    cfg = load_params(None)
+    assert isinstance(cfg, Params)
+    assert cfg == Params()
+    assert cfg.data.resolution == 32
+    assert cfg.collect.sources == [Source(uri="builtin:mnist")]
+    # every default survives a dump / re-validate round trip (what params.yaml would hold)
+    dumped = cfg.model_dump(mode="json", by_alias=True)
+    assert Params.model_validate(dumped) == cfg
+    assert "train.epochs" in cfg.flat()
+
+
+def test_defaults_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(Params().model_dump(mode="json", by_alias=True)))
+    assert load_params(path) == Params()
+
+
+def test_empty_params_file_is_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_params(
+        None,
+        [
+            "train.epochs=3",
+            "train.lr=1e-3",
+            "train.compile=true",
+            "data.mode=RGB",
+            "validate.min_rows=5",
+            "collect.sources=[{uri: builtin:mnist, limit: 10}]",
+        ],
+    )
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.train.lr == pytest.approx(1e-3) and type(cfg.train.lr) is float
+    assert cfg.train.compile is True
+    assert cfg.data.mode == "RGB"
+    assert cfg.validate_.min_rows == 5
+    assert cfg.collect.sources == [Source(uri="builtin:mnist", limit=10)]
+    assert isinstance(cfg.collect.sources[0], Source)
+    assert cfg.collect.sources[0].limit == 10
+
+
+def test_override_beats_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 7\n  batch_size: 16\n")
+    cfg = load_params(path, ["train.epochs=3"])
+    assert cfg.train.epochs == 3
+    assert cfg.train.batch_size == 16  # the rest of the file's section is kept
+
+
+def test_source_strings_become_uris() -> None:
+    cfg = load_params(None, ["collect.sources=[builtin:mnist, /some/dir]"])
+    assert [s.uri for s in cfg.collect.sources] == ["builtin:mnist", "/some/dir"]
+
+
+def test_unknown_override_key_names_key_and_valid_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["train.epoch=3"])
+    msg = str(info.value)
+    assert "train.epoch" in msg
+    assert "epochs" in msg and "batch_size" in msg
+
+
+def test_unknown_top_level_override_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["trian.epochs=3"])
+    msg = str(info.value)
+    assert "trian" in msg
+    assert "train" in msg and "data" in msg
+
+
+def test_wrong_type_names_key_and_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["train.epochs=abc"])
+    msg = str(info.value)
+    assert "train.epochs" in msg
+    assert "abc" in msg
+    assert "integer" in msg
+
+
+def test_out_of_range_names_allowed_values() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["data.resolution=30"])
+    msg = str(info.value)
+    assert "data.resolution" in msg
+    assert "30" in msg
+    for allowed in ("8", "16", "32", "64", "128", "256"):
+        assert allowed in msg
+
+
+def test_literal_out_of_set_names_allowed_values() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["data.mode=CMYK"])
+    msg = str(info.value)
+    assert "data.mode" in msg and "CMYK" in msg
+    assert "'L'" in msg and "'RGB'" in msg
+
+
+def test_bound_violation_names_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["train.epochs=0"])
+    msg = str(info.value)
+    assert "train.epochs" in msg and "greater than or equal to 1" in msg
+
+
+def test_override_without_equals_sign() -> None:
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_params(None, ["train.epochs"])
+
+
+def test_override_with_invalid_yaml() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["train.epochs=[1"])
+    assert "train.epochs" in str(info.value) and "YAML" in str(info.value)
+
+
+def test_unknown_top_level_key_in_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert "trian" in msg
+    assert str(path) in msg
+    assert "unknown key" in msg and "train" in msg
+
+
+def test_unknown_nested_key_in_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert "train.epoch" in msg
+    assert "epochs" in msg
+
+
+def test_unknown_key_inside_a_source_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, ["collect.sources=[{uri: builtin:mnist, lmit: 3}]"])
+    msg = str(info.value)
+    assert "collect.sources.0.lmit" in msg
+    assert "limit" in msg and "labels" in msg
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: abc\ndata:\n  resolution: 30\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    msg = str(info.value)
+    assert "train.epochs" in msg and "data.resolution" in msg
+
+
+def test_missing_params_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "params.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+    assert "not found" in str(info.value)
+
+
+def test_params_file_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(path) in str(info.value) and "mapping" in str(info.value)
+
+
+def test_invalid_yaml_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [1\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+
+
+def test_section_hash_tracks_only_named_sections() -> None:
+    a = load_params(None)
+    b = load_params(None, ["train.epochs=3"])
+    c = load_params(None, ["data.resolution=64"])
+    assert a.section_hash("data", "clean") == b.section_hash("data", "clean")
+    assert a.section_hash("data", "clean") != c.section_hash("data", "clean")
