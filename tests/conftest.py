@@ -66,9 +66,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 break  # an HTTP answer of any status: the server is up
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"moto server did not answer on {url}:\n{log.read_text()}"
-                    ) from None
+                    raise RuntimeError(f"moto server did not answer on {url}:\n{log.read_text()}") from None
                 time.sleep(0.1)
         yield url
     finally:

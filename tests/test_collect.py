@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import free_port
 from PIL import Image
 
 from genloop import collect
@@ -24,6 +24,12 @@ from genloop.manifest import LEDGER_COLUMNS, read_ledger
 from genloop.workspace import Workspace
 
 N_S3 = 1010  # more than one list_objects_v2 page (1000 keys)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def tiny_png(seed: int, size: int = 8) -> bytes:
@@ -270,17 +276,13 @@ def s3_bucket(moto_server: str) -> dict[str, object]:
     )
     bucket = "genloop-test"
     client.create_bucket(Bucket=bucket)
-    keys = {
-        f"images/{'even' if i % 2 == 0 else 'odd'}/{i:05d}.png": tiny_png(i) for i in range(N_S3)
-    }
-    with ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), keys.items()
-            )
-        )
+    keys = {f"images/{'even' if i % 2 == 0 else 'odd'}/{i:05d}.png": tiny_png(i) for i in range(N_S3)}
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), keys.items()))
     client.put_object(Bucket=bucket, Key="other/outside.png", Body=tiny_png(N_S3 + 1))
+    # sibling keys that share the string prefix "images" but are not in the images/ folder
     client.put_object(Bucket=bucket, Key="images-not-a-folder.png", Body=tiny_png(N_S3 + 2))
+    client.put_object(Bucket=bucket, Key="images2/x.png", Body=tiny_png(N_S3 + 3))
     return {"bucket": bucket, "keys": keys}
 
 
@@ -289,7 +291,7 @@ def test_s3_prefix_collects_exactly_the_prefix(
 ) -> None:
     bucket = s3_bucket["bucket"]
     keys: dict[str, bytes] = s3_bucket["keys"]  # type: ignore[assignment]
-    uri = f"s3://{bucket}/images/"
+    uri = f"s3://{bucket}/images"
     ws = Workspace.at(tmp_path)
     pages: list[str] = []
     real_client = collect.s3_client
@@ -321,11 +323,12 @@ def test_s3_prefix_collects_exactly_the_prefix(
 
 
 def test_s3_limit(tmp_path: Path, s3_env: str, s3_bucket: dict[str, object]) -> None:
-    uri = f"s3://{s3_bucket['bucket']}/images"
+    uri = f"s3://{s3_bucket['bucket']}/images/"
     summary = collect.run(params(source(uri, limit=5)), Workspace.at(tmp_path))
     assert summary["added"] == 5
     ledger = read_ledger(Workspace.at(tmp_path).ledger)
     assert ledger["label"].isna().all()
+    assert ledger["original"].str.startswith(f"s3://{s3_bucket['bucket']}/images/").all()
 
 
 def test_s3_missing_bucket_is_a_source_error(tmp_path: Path, s3_env: str) -> None:
@@ -335,11 +338,12 @@ def test_s3_missing_bucket_is_a_source_error(tmp_path: Path, s3_env: str) -> Non
     assert s3_env in str(info.value)
 
 
-def test_s3_unreachable_endpoint_is_a_bounded_source_error(
-    tmp_path: Path, s3_env: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_s3_unreachable_endpoint_is_a_bounded_source_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("GENLOOP_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     start = time.monotonic()
     with pytest.raises(SourceError) as info:
         collect.run(params(source("s3://bucket/prefix")), Workspace.at(tmp_path))

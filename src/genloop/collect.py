@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from genloop.config import Params, Source
-from genloop.errors import GenloopError, SourceError
+from genloop.errors import GenloopError, SourceError, SourceUnreachable
 from genloop.manifest import LEDGER_COLUMNS, read_ledger, write_table
 from genloop.progress import Progress
 from genloop.provenance import data_version
@@ -108,6 +108,8 @@ def _local_dir(root: Path, labels: str) -> Iterator[Item]:
 
 def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
     bucket, prefix = parse_s3_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # a folder: s3://b/images must not also collect s3://b/images2/...
     client = s3_client()
     try:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -127,7 +129,7 @@ def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
     except GenloopError:
         raise
     except Exception as exc:  # botocore raises many unrelated types; all mean "cannot read"
-        raise SourceError(describe_s3_failure(uri, exc)) from exc
+        raise SourceUnreachable(describe_s3_failure(uri, exc)) from exc
 
 
 def iter_source(source: Source) -> Iterator[Item]:
@@ -155,7 +157,8 @@ def dvc_add(ws: Workspace) -> None:
     cmd = [sys.executable, "-m", "dvc", "add", "--quiet", "data/raw"]
     done = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True)
     if done.returncode != 0:
-        raise GenloopError(f"`dvc add data/raw` failed in {ws.root}:\n{done.stderr.strip()}")
+        output = (done.stderr + done.stdout).strip()
+        raise GenloopError(f"`dvc add data/raw` failed in {ws.root}:\n{output}")
     stray = ws.root / "data" / "raw.dvc"
     if stray.exists():  # DVC wrote data/raw.dvc next to the folder: keep one top-level data.dvc
         doc = stray.read_text().replace("path: raw", "path: data/raw")

@@ -19,3 +19,11 @@ class ValidationFailed(GenloopError):
 
 class StageInputMissing(GenloopError):
     """A stage's input (written by an earlier stage) is absent."""
+
+
+class Unreachable(GenloopError):
+    """A server or endpoint (S3, MLflow) did not answer; worth retrying later."""
+
+
+class SourceUnreachable(SourceError, Unreachable):
+    """An S3 source did not answer or refused the request."""

@@ -15,10 +15,23 @@ from prefect.cache_policies import NO_CACHE
 
 from genloop import tracking
 from genloop.config import load_params
+from genloop.errors import Unreachable
 from genloop.stages import ORDER, stage_fn
 from genloop.workspace import Workspace
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only when a server or endpoint did not answer; a bad file or param fails at once."""
+    try:
+        state.result()
+    except Unreachable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _transient}
 RETRIES = {"collect": IO_RETRIES, "register": IO_RETRIES, "generate": IO_RETRIES}
 
 

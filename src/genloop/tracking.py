@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from genloop.config import Params
-from genloop.errors import GenloopError
+from genloop.errors import Unreachable
 from genloop.provenance import data_version, git_commit
 from genloop.workspace import Workspace
 
@@ -63,7 +63,7 @@ def configure(ws: Workspace, cfg: Params) -> str:
         else:
             exp_id = exp.experiment_id
     except Exception as exc:  # MlflowException, requests errors: all mean "tracking unusable"
-        raise GenloopError(
+        raise Unreachable(
             f"MLflow tracking at {uri} is not reachable ({exc.__class__.__name__}: {exc}). "
             "Start the server or fix MLFLOW_TRACKING_URI."
         ) from exc

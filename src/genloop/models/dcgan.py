@@ -54,21 +54,27 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
+    """Spectrally normalised (Miyato et al. 2018) conv net with a projection head."""
+
     def __init__(self, width: int, channels: int, resolution: int, num_classes: int):
         super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
         blocks = int(math.log2(resolution)) - 2
-        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [sn(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2, True)]
         ch = width
         for _ in range(blocks - 1):
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True)]
+            layers += [sn(nn.Conv2d(ch, ch * 2, 4, 2, 1)), nn.LeakyReLU(0.2, True)]
             ch *= 2
-        self.body = nn.Sequential(*layers, nn.Flatten())
-        feat = ch * 4 * 4
-        self.head = nn.Linear(feat, 1)
-        self.embed = nn.Embedding(num_classes, feat) if num_classes else None
+        self.body = nn.Sequential(*layers)
+        feat = (ch + 1) * 4 * 4
+        self.head = sn(nn.Linear(feat, 1))
+        self.embed = sn(nn.Embedding(num_classes, feat)) if num_classes else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.body(x)
+        # minibatch standard deviation (Karras et al. 2018): lets D see a collapsed batch
+        spread = h.float().std(dim=0, unbiased=False).mean().to(h.dtype)
+        h = torch.cat([h, spread.expand(h.shape[0], 1, *h.shape[2:])], dim=1).flatten(1)
         out = self.head(h).squeeze(1)
         if self.embed is not None and y is not None:
             out = out + (self.embed(y) * h).sum(dim=1)

@@ -1,0 +1,183 @@
+"""Stage contracts on a tiny real dataset, tracking to the embedded sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from genloop import clean, collect, evaluate, generate, optimize, register, train, validate
+from genloop.config import load_params
+from genloop.errors import StageInputMissing
+from genloop.manifest import read_manifest
+from genloop.models import load_generator
+from genloop.workspace import Workspace
+from tests.helpers import TINY
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("GENLOOP_PARENT_RUN_ID", None)
+    ws = Workspace.at(tmp_path_factory.mktemp("ws"))
+    cfg = load_params(None, [*TINY, "collect.dvc_add=false"])
+    results = {}
+    for stage in (collect, clean, validate, train, evaluate, register, generate, optimize):
+        results[stage.__name__.rsplit(".", 1)[1]] = stage.run(cfg, ws)
+    return ws, cfg, results
+
+
+def test_train_writes_generator_reports_and_an_mlflow_run(pipeline):
+    ws, cfg, results = pipeline
+    summary = results["train"]
+    assert ws.generator.exists() and ws.generator.with_suffix(".json").exists()
+    gen, spec = load_generator(ws.generator)
+    assert (spec.resolution, spec.channels) == (32, 1)
+    assert spec.classes == [str(i) for i in range(10)]  # MNIST labels make it conditional
+    curve = pd.read_csv(ws.reports / "train.csv")
+    assert {"step", "loss_d", "loss_g", "img_per_s"} <= set(curve.columns)
+    assert curve["step"].iloc[-1] == summary["steps"] > 0
+    mlflow.set_tracking_uri(f"sqlite:///{ws.mlflow_db}")
+    client = MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["train.epochs"] == "1"
+    assert {"loss_d", "loss_g"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss_g")) == len(curve)
+    assert run.data.tags["genloop.stage"] == "train"
+    assert "genloop.data_version" in run.data.tags and "genloop.git_commit" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/epoch_001.png", "samples/final.png"} <= artifacts
+
+
+def test_train_resumes_from_its_checkpoint_instead_of_starting_over(pipeline):
+    ws, cfg, results = pipeline
+    before = torch.load(ws.generator, weights_only=True)
+    again = train.run(cfg, ws)
+    assert again["resumed_from_step"] == results["train"]["steps"]
+    after = torch.load(ws.generator, weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluate_names_its_extractor_and_sample_counts(pipeline):
+    ws, cfg, results = pipeline
+    report = json.loads(ws.report("eval").read_text())
+    holdout = (read_manifest(ws.manifest)["split"] == "holdout").sum()
+    assert report["extractor"]["name"] == "domain-classifier"
+    assert "Inception" in report["extractor"]["why"] or "inception" in report["extractor"]["why"]
+    assert report["n_real"] == holdout
+    assert report["n_fake"] == cfg.evaluate.n_samples
+    # one epoch of a tiny GAN is far from the data; real training images are close to it
+    assert report["fid"] > report["fid_real_floor"] >= 0
+    assert 0 <= report["memorisation"]["share_below_threshold"] <= 1
+
+
+def test_register_makes_a_pyfunc_champion_that_generates_images(pipeline):
+    ws, cfg, results = pipeline
+    reg = results["register"]
+    assert reg["promoted"] and reg["version"] == "1" and reg["champion_version"] == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{ws.mlflow_db}")
+    mlflow.set_registry_uri(f"sqlite:///{ws.mlflow_db}")
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(cfg.register_.model_name, "champion")
+    assert version.version == "1"
+    assert version.tags["genloop.data_version"] and float(version.tags["fid"]) == pytest.approx(reg["score"])
+    assert client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version == "1"
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.register_.model_name}@champion")
+    images = model.predict(pd.DataFrame({"n": [3], "seed": [5]}))
+    assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
+    again = model.predict(pd.DataFrame({"n": [3], "seed": [5]}))
+    assert np.array_equal(images, again)
+
+
+def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path):
+    ws, cfg, results = pipeline
+    # an untrained generator (fresh random weights) is evaluated and registered for real
+    gen, spec = load_generator(ws.generator)
+    saved = ws.generator.read_bytes()
+    try:
+        for p in gen.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.5)
+        from genloop.models import save_generator
+
+        save_generator(gen, spec, ws.generator)
+        worse = evaluate.run(cfg, ws)
+        assert worse["fid"] > results["evaluate"]["fid"]
+        reg = register.run(cfg, ws)
+        assert reg["version"] == "2" and not reg["promoted"]
+        assert reg["champion_version"] == "1"
+        client = MlflowClient()
+        assert client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version == "2"
+        assert client.get_model_version(cfg.register_.model_name, "2").tags["genloop.promoted"] == "False"
+    finally:
+        ws.generator.write_bytes(saved)
+
+
+def test_generate_writes_the_configured_count_with_provenance(pipeline):
+    ws, cfg, results = pipeline
+    gen = results["generate"]
+    folder = Path(gen["folder"])
+    assert folder == ws.generated / "1"
+    pngs = sorted(folder.glob("*.png"))
+    pngs = [p for p in pngs if p.name != "grid.png"]
+    assert len(pngs) == cfg.generate.n
+    manifest = pd.read_parquet(folder / "manifest.parquet")
+    assert len(manifest) == cfg.generate.n
+    assert set(manifest["model_version"]) == {"1"}
+    assert manifest["seed"].notna().all()
+    assert Image.open(pngs[0]).size == (32, 32)
+
+
+def test_optimize_keeps_the_best_and_writes_scores(pipeline):
+    ws, cfg, results = pipeline
+    opt = results["optimize"]
+    folder = Path(opt["folder"])
+    kept = [p for p in folder.glob("*.png") if p.name != "grid.png"]
+    assert len(kept) == opt["kept"] <= cfg.optimize.keep
+    scores = pd.read_parquet(folder / "scores.parquet")
+    assert {"realism", "novelty", "score", "kept", "near_copy"} <= set(scores.columns)
+    assert scores["kept"].sum() == len(kept)
+    # what was kept scores at least as well as every eligible image left out
+    eligible = scores[~scores["near_copy"]]
+    if len(eligible) > len(kept):
+        assert eligible[eligible["kept"]]["score"].min() >= eligible[~eligible["kept"]]["score"].max()
+
+
+def test_optimize_drops_copies_of_training_images(pipeline):
+    ws, cfg, results = pipeline
+    version = results["generate"]["model_version"]
+    folder = ws.generated / version
+    manifest = pd.read_parquet(folder / "manifest.parquet")
+    train_files = read_manifest(ws.manifest).query("split == 'train'")["file"].tolist()
+    saved = {f: (folder / f).read_bytes() for f in manifest["file"][:5]}
+    try:
+        for f, src in zip(manifest["file"][:5], train_files[:5], strict=True):
+            (folder / f).write_bytes((ws.clean / src).read_bytes())
+        out = optimize.run(cfg, ws)
+        scores = pd.read_parquet(Path(out["folder"]) / "scores.parquet")
+        copied = scores[scores["file"].isin(list(saved))]
+        assert copied["near_copy"].all() and not copied["kept"].any()
+        assert out["near_copies_dropped"] >= 5
+    finally:
+        for f, data in saved.items():
+            (folder / f).write_bytes(data)
+
+
+def test_stages_name_the_missing_input_and_the_command_to_run(tmp_path):
+    ws = Workspace.at(tmp_path)
+    cfg = load_params(None, [])
+    with pytest.raises(StageInputMissing, match="genloop collect"):
+        clean.run(cfg, ws)
+    with pytest.raises(StageInputMissing, match="genloop clean"):
+        validate.run(cfg, ws)
+    with pytest.raises(StageInputMissing, match="genloop evaluate"):
+        register.run(cfg, ws)
+    with pytest.raises(StageInputMissing, match="genloop generate"):
+        optimize.run(cfg, ws)
