@@ -87,9 +87,9 @@ def test_register_makes_a_pyfunc_champion_that_generates_images(pipeline):
     mlflow.set_registry_uri(f"sqlite:///{ws.mlflow_db}")
     client = MlflowClient()
     version = client.get_model_version_by_alias(cfg.register_.model_name, "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert version.tags["genloop.data_version"] and float(version.tags["fid"]) == pytest.approx(reg["score"])
-    assert client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version == "1"
+    assert str(client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version) == "1"
     model = mlflow.pyfunc.load_model(f"models:/{cfg.register_.model_name}@champion")
     images = model.predict(pd.DataFrame({"n": [3], "seed": [5]}))
     assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
@@ -114,7 +114,7 @@ def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path)
         assert reg["version"] == "2" and not reg["promoted"]
         assert reg["champion_version"] == "1"
         client = MlflowClient()
-        assert client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version == "2"
+        assert str(client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version) == "2"
         assert client.get_model_version(cfg.register_.model_name, "2").tags["genloop.promoted"] == "False"
     finally:
         ws.generator.write_bytes(saved)

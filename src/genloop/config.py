@@ -91,7 +91,7 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(2e-4, gt=0)
     beta1: float = Field(0.5, ge=0, lt=1)

@@ -14,6 +14,8 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "genloop",
     "GIT_PYTHON_REFRESH": "quiet",
+    # a first start migrates a fresh Prefect database: slower than the 20 s default on 2 cores
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 

@@ -71,7 +71,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         version = str(info.registered_model_version)
         champion = tracking.get_alias_version(name, "champion")
         champ_score = None
-        if champion is not None and champion.version != version:
+        if champion is not None and str(champion.version) != version:
             champ_tags = tracking.version_tags(name, champion.version)
             champ_score = float(champ_tags[metric]) if metric in champ_tags else None
         promote, reason = decide(score, champ_score)
@@ -90,7 +90,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         tracking.tag_version(name, version, tags)
         tracking.set_alias(name, "challenger", version)
         if promote:
-            if champion is not None and champion.version != version:
+            if champion is not None and str(champion.version) != version:
                 tracking.set_alias(name, "previous-champion", champion.version)
             tracking.set_alias(name, "champion", version)
         tracking.tag_run({"genloop.model_version": version, "genloop.promoted": promote})
@@ -101,7 +101,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "model_name": name,
         "version": version,
         "model_uri": f"models:/{name}/{version}",
-        "champion_version": champ_now.version if champ_now else None,
+        "champion_version": str(champ_now.version) if champ_now else None,
         "champion_uri": f"models:/{name}@champion",
         "promoted": promote,
         "reason": reason,
