@@ -47,7 +47,7 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError((base / "server.log").read_text())
+                raise RuntimeError((base / "server.log").read_text()) from None
             time.sleep(0.5)
     yield url
     proc.terminate()
