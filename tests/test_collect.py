@@ -19,7 +19,7 @@ from PIL import Image
 
 from genloop import collect
 from genloop.config import Params, load_params
-from genloop.errors import SourceError
+from genloop.errors import SourceError, SourceUnreachable
 from genloop.manifest import LEDGER_COLUMNS, read_ledger
 from genloop.workspace import Workspace
 
@@ -336,6 +336,7 @@ def test_s3_missing_bucket_is_a_source_error(tmp_path: Path, s3_env: str) -> Non
         collect.run(params(source("s3://no-such-bucket/x")), Workspace.at(tmp_path))
     assert "s3://no-such-bucket/x" in str(info.value)
     assert s3_env in str(info.value)
+    assert not isinstance(info.value, SourceUnreachable)  # a missing bucket is not retried
 
 
 def test_s3_unreachable_endpoint_is_a_bounded_source_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -353,3 +354,4 @@ def test_s3_unreachable_endpoint_is_a_bounded_source_error(tmp_path: Path, monke
     assert "GENLOOP_S3_ENDPOINT_URL" in msg
     assert "s3://bucket/prefix" in msg
     assert elapsed < 60, f"took {elapsed:.0f} s to give up"
+    assert isinstance(info.value, SourceUnreachable)  # the flow's retry condition retries this

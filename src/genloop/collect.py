@@ -132,7 +132,22 @@ def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
     except GenloopError:
         raise
     except Exception as exc:  # botocore raises many unrelated types; all mean "cannot read"
-        raise SourceUnreachable(describe_s3_failure(uri, exc)) from exc
+        error = SourceUnreachable if _transient_s3(exc) else SourceError
+        raise error(describe_s3_failure(uri, exc)) from exc
+
+
+def _transient_s3(exc: Exception) -> bool:
+    """Connection failures, timeouts, 5xx and throttling are worth a retry; a missing bucket
+    or a denied request is not."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or err.get("Code") in {"Throttling", "ThrottlingException", "SlowDown"}
+    return False
 
 
 def iter_source(source: Source) -> Iterator[Item]:
