@@ -199,3 +199,23 @@ def test_section_hash_tracks_only_named_sections() -> None:
     c = load_params(None, ["data.resolution=64"])
     assert a.section_hash("data", "clean") == b.section_hash("data", "clean")
     assert a.section_hash("data", "clean") != c.section_hash("data", "clean")
+
+
+def test_sinks_must_be_s3_uris_naming_a_bucket() -> None:
+    cfg = load_params(None, ["generate.sink=s3://bucket/gen", "optimize.sink=s3://bucket"])
+    assert (cfg.generate.sink, cfg.optimize.sink) == ("s3://bucket/gen", "s3://bucket")
+    assert load_params(None).generate.sink is None and load_params(None).optimize.sink is None
+    with pytest.raises(ConfigError, match=r"generate\.sink.*s3://bucket/prefix"):
+        load_params(None, ["generate.sink=/tmp/out"])
+    with pytest.raises(ConfigError, match=r"optimize\.sink.*names no bucket"):
+        load_params(None, ["optimize.sink=s3:///prefix"])
+
+
+def test_dvc_push_accepts_yaml_booleans_and_needs_dvc_add() -> None:
+    assert load_params(None).collect.dvc_push == "auto"
+    assert load_params(None, ["collect.dvc_push=yes"]).collect.dvc_push == "yes"  # YAML reads yes as true
+    assert load_params(None, ["collect.dvc_push=no"]).collect.dvc_push == "no"
+    with pytest.raises(ConfigError, match=r"collect\.dvc_push"):
+        load_params(None, ["collect.dvc_push=maybe"])
+    with pytest.raises(ConfigError, match=r"collect\.dvc_push=yes needs collect\.dvc_add=true"):
+        load_params(None, ["collect.dvc_push=yes", "collect.dvc_add=false"])

@@ -2,19 +2,25 @@
 
 Each new file is stored as data/raw/<sha256[:2]>/<sha256><ext> and gets one ledger row
 (source URI, original name, label, time, provenance). Bytes already in the ledger are
-skipped, so re-collecting a source adds nothing. Afterwards `dvc add data/raw` makes
-data.dvc name the new version.
+skipped, so re-collecting a source adds nothing. New files are first written to a staging
+folder (.genloop/cache/collect-staging) and moved into data/raw only once every source was
+read, so a source failing mid-way leaves data/raw, the ledger and data.dvc as they were.
+Afterwards `dvc add data/raw` makes data.dvc name the new version, and `dvc push` sends it
+to the DVC remote (collect.dvc_push).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,15 +29,18 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from genloop.config import Params, Source
-from genloop.errors import GenloopError, SourceError, SourceUnreachable
+from genloop.dvc_remote import Remote, default_remote, push
+from genloop.errors import GenloopError, RemoteError, SourceError, SourceUnreachable
 from genloop.manifest import LEDGER_COLUMNS, read_ledger, write_table
 from genloop.progress import Progress
 from genloop.provenance import data_version
 from genloop.storage import (
+    atomic_path,
     describe_s3_failure,
     parse_s3_uri,
     s3_client,
     sha256_bytes,
+    transient_s3,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -132,22 +141,8 @@ def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
     except GenloopError:
         raise
     except Exception as exc:  # botocore raises many unrelated types; all mean "cannot read"
-        error = SourceUnreachable if _transient_s3(exc) else SourceError
+        error = SourceUnreachable if transient_s3(exc) else SourceError
         raise error(describe_s3_failure(uri, exc)) from exc
-
-
-def _transient_s3(exc: Exception) -> bool:
-    """Connection failures, timeouts, 5xx and throttling are worth a retry; a missing bucket
-    or a denied request is not."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
-    if isinstance(exc, ConnectionError | HTTPClientError):
-        return True
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        return status >= 500 or err.get("Code") in {"Throttling", "ThrottlingException", "SlowDown"}
-    return False
 
 
 def iter_source(source: Source) -> Iterator[Item]:
@@ -166,12 +161,16 @@ def iter_source(source: Source) -> Iterator[Item]:
     return _limited(items, source.limit)
 
 
-def dvc_add(ws: Workspace) -> None:
-    """`dvc add data/raw`, updating the top-level data.dvc in place."""
+def _require_dvc_repo(ws: Workspace) -> None:
     if not (ws.root / ".dvc").is_dir():
         raise GenloopError(
             f"{ws.root} is not a DVC repository: run `dvc init` there (or set collect.dvc_add=false)"
         )
+
+
+def dvc_add(ws: Workspace) -> None:
+    """`dvc add data/raw`, updating the top-level data.dvc in place."""
+    _require_dvc_repo(ws)
     cmd = [sys.executable, "-m", "dvc", "add", "--quiet", "data/raw"]
     done = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True)
     if done.returncode != 0:
@@ -184,8 +183,36 @@ def dvc_add(ws: Workspace) -> None:
         stray.unlink()
 
 
+def _push_remote(cfg: Params, ws: Workspace) -> Remote | None:
+    """The remote collect pushes to (collect.dvc_push), checked before any work; None: no push."""
+    if not cfg.collect.dvc_add or cfg.collect.dvc_push == "no":
+        return None
+    remote = default_remote(ws.root)
+    if remote is None and cfg.collect.dvc_push == "yes":
+        raise RemoteError(
+            f"collect.dvc_push=yes but the DVC repository {ws.root} has no default remote: run "
+            "`dvc remote add -d <name> <url>` there (e.g. s3://bucket/dvc), or set collect.dvc_push=auto"
+        )
+    return remote
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move a staged file into place atomically (a copy + rename when staging is on another disk)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, object]:
-    """Collect every source into data/raw; return counts per source and the data version."""
+    """Collect every source into data/raw; return counts per source and the data version.
+
+    All or nothing: new files are staged and published only after every source was read.
+    """
     ledger = read_ledger(ws.ledger)
     known = set(ledger["sha256"].dropna())
     now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -193,41 +220,58 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     per_source: dict[str, dict[str, int]] = {}
     for source in cfg.collect.sources:
         iter_source(source)  # fails fast on a bad scheme or a missing folder, before any work
-    for source in cfg.collect.sources:
-        counts = {"offered": 0, "added": 0}
-        with Progress(f"collect {source.uri}", source.limit or None, "files") as bar:
-            for item in iter_source(source):
-                counts["offered"] += 1
-                digest = sha256_bytes(item.data)
-                if digest not in known:
-                    rel = f"{digest[:2]}/{digest}{_suffix(item.original)}"
-                    write_bytes_atomic(ws.raw / rel, item.data)
-                    known.add(digest)
-                    counts["added"] += 1
-                    rows.append(
-                        {
-                            "sha256": digest,
-                            "file": rel,
-                            "source": source.uri,
-                            "original": item.original,
-                            "label": item.label,
-                            "collected_at": now,
-                            "provenance": json.dumps(item.provenance, sort_keys=True),
-                        }
-                    )
-                bar.advance(added=counts["added"])
-        per_source[source.uri] = counts
-        log.info("collect %s: %d offered, %d new", source.uri, counts["offered"], counts["added"])
-    if rows or not ws.ledger.exists():
-        table = pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if rows else ledger
-        write_table(table, ws.ledger, LEDGER_COLUMNS)
+    if cfg.collect.dvc_add:
+        _require_dvc_repo(ws)
+    remote = _push_remote(cfg, ws)
+    staging_root = ws.cache / "collect-staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="run-", dir=staging_root))
+    try:
+        for source in cfg.collect.sources:
+            counts = {"offered": 0, "added": 0}
+            with Progress(f"collect {source.uri}", source.limit or None, "files") as bar:
+                for item in iter_source(source):
+                    counts["offered"] += 1
+                    digest = sha256_bytes(item.data)
+                    if digest not in known:
+                        rel = f"{digest[:2]}/{digest}{_suffix(item.original)}"
+                        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (staging / rel).write_bytes(item.data)
+                        known.add(digest)
+                        counts["added"] += 1
+                        rows.append(
+                            {
+                                "sha256": digest,
+                                "file": rel,
+                                "source": source.uri,
+                                "original": item.original,
+                                "label": item.label,
+                                "collected_at": now,
+                                "provenance": json.dumps(item.provenance, sort_keys=True),
+                            }
+                        )
+                    bar.advance(added=counts["added"])
+            per_source[source.uri] = counts
+            log.info("collect %s: %d offered, %d new", source.uri, counts["offered"], counts["added"])
+        # every source was read: publish the files, then the ledger that names them
+        for row in rows:
+            _move_into(staging / str(row["file"]), ws.raw / str(row["file"]))
+        if rows or not ws.ledger.exists():
+            table = pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if rows else ledger
+            write_table(table, ws.ledger, LEDGER_COLUMNS)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if cfg.collect.dvc_add:
         dvc_add(ws)
+    if remote is not None:
+        push(ws.root, "data.dvc", remote)
     summary: dict[str, object] = {
         "sources": per_source,
         "added": len(rows),
         "total": len(ledger) + len(rows),
         "data_version": data_version(ws),
+        "dvc_remote": remote.url if remote else None,
+        "pushed": remote is not None,
     }
     write_json_atomic(ws.report("collect"), summary)
     return summary

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genloop.errors import ConfigError
 
@@ -50,6 +50,11 @@ class DataParams(_Section):
 class CollectParams(_Section):
     sources: list[Source] = Field(default_factory=lambda: [Source(uri="builtin:mnist")])
     dvc_add: bool = Field(True, description="run `dvc add data/raw` after collecting")
+    dvc_push: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="`dvc push data.dvc` after `dvc add`; auto: when the DVC repo has a default remote, "
+        "yes: a missing default remote is an error",
+    )
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -57,6 +62,29 @@ class CollectParams(_Section):
         if isinstance(v, list):
             return [{"uri": s} if isinstance(s, str) else s for s in v]
         return v
+
+    @field_validator("dvc_push", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare yes/no as a boolean
+        return {True: "yes", False: "no"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _push_needs_add(self) -> CollectParams:
+        if self.dvc_push == "yes" and not self.dvc_add:
+            raise ValueError("collect.dvc_push=yes needs collect.dvc_add=true (only an added version is pushed)")
+        return self
+
+
+def _check_sink(v: str | None) -> str | None:
+    """None, or an s3://bucket[/prefix] URI."""
+    if v is None:
+        return None
+    if not v.startswith("s3://"):
+        raise ValueError("must be an s3://bucket/prefix URI (or null for no upload)")
+    if not v[5:].split("/", 1)[0]:
+        raise ValueError("names no bucket; use s3://bucket/prefix")
+    return v
 
 
 class CleanParams(_Section):
@@ -131,6 +159,14 @@ class GenerateParams(_Section):
     seed: int = 2024
     batch_size: int = Field(256, ge=1)
     label: int | str | None = Field(None, description="class to generate; None cycles through classes")
+    sink: str | None = Field(
+        None, description="s3://bucket/prefix: each batch is also uploaded to <sink>/<model version>/"
+    )
+
+    @field_validator("sink")
+    @classmethod
+    def _s3_sink(cls, v: str | None) -> str | None:
+        return _check_sink(v)
 
 
 class OptimizeParams(_Section):
@@ -140,6 +176,14 @@ class OptimizeParams(_Section):
     )
     realism_weight: float = Field(1.0, ge=0)
     novelty_weight: float = Field(0.5, ge=0)
+    sink: str | None = Field(
+        None, description="s3://bucket/prefix: each curated batch is also uploaded to <sink>/<model version>/"
+    )
+
+    @field_validator("sink")
+    @classmethod
+    def _s3_sink(cls, v: str | None) -> str | None:
+        return _check_sink(v)
 
 
 class TrackingParams(_Section):

@@ -27,3 +27,19 @@ class Unreachable(GenloopError):
 
 class SourceUnreachable(SourceError, Unreachable):
     """An S3 source did not answer or refused the request."""
+
+
+class SinkError(GenloopError):
+    """An S3 sink (generate.sink, optimize.sink) cannot be written."""
+
+
+class SinkUnreachable(SinkError, Unreachable):
+    """An S3 sink did not answer (connection failure, 5xx, throttling); worth retrying."""
+
+
+class RemoteError(GenloopError):
+    """The DVC remote cannot be pushed to or pulled from."""
+
+
+class RemoteUnreachable(RemoteError, Unreachable):
+    """The DVC remote did not answer (connection failure, 5xx, throttling); worth retrying."""

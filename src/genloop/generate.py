@@ -1,7 +1,9 @@
 """generate: load `models:/<name>@champion` through mlflow.pyfunc and write PNGs.
 
 Images land in outputs/generated/<model version>/ with manifest.parquet (file, seed,
-model name, version, label) so every image can be traced to the model that made it.
+model name, version, label) so every image can be traced to the model that made it. With
+`generate.sink` set, the finished folder is also uploaded to <sink>/<model version>/, the
+manifest last so that its presence marks a complete batch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from genloop.config import Params
 from genloop.errors import GenloopError
 from genloop.grids import make_grid
 from genloop.progress import Progress
-from genloop.storage import atomic_dir, write_json_atomic
+from genloop.storage import atomic_dir, join_s3_uri, upload_dir, write_json_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,10 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         import numpy as np
 
         make_grid(np.stack(grid_images), columns=len(classes) or None, scale=2).save(tmp / "grid.png")
+    sink = join_s3_uri(g.sink, version) if g.sink else None
+    uploaded = upload_dir(target, sink) if sink else []
     summary = {"model_name": cfg.register_.model_name, "model_version": version, "n": len(rows),
-               "folder": str(target), "seed": g.seed}
+               "folder": str(target), "seed": g.seed, "sink": sink, "sink_objects": len(uploaded)}
     write_json_atomic(ws.report("generate"), summary)
     log.info("generate: %d images from %s v%s in %s", len(rows), cfg.register_.model_name, version, target)
     return summary

@@ -4,7 +4,8 @@ Realism comes from the evaluation feature extractor (classifier confidence, or
 reconstruction quality without labels); novelty is the distance to the nearest training
 image in feature space, in units of the typical distance of an unseen real image
 (1.0 ~ as novel as fresh real data, ~0 a copy). Curated images and their scores land in
-outputs/curated/<model version>/.
+outputs/curated/<model version>/ and, with `optimize.sink` set, in <sink>/<model version>/
+(scores.parquet last, marking a complete batch).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from genloop.dataset import load_split
 from genloop.errors import StageInputMissing
 from genloop.features import embed, get_extractor, nearest, novelty_scale
 from genloop.grids import make_grid
-from genloop.storage import atomic_dir, read_json, write_json_atomic
+from genloop.storage import atomic_dir, join_s3_uri, read_json, upload_dir, write_json_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             grid_imgs = np.stack([arrays[i] if arrays[i].ndim == 3 else arrays[i][:, :, None]
                                   for i in kept.index[:80]])
             make_grid(grid_imgs, scale=2).save(tmp / "grid.png")
+    sink = join_s3_uri(o.sink, version) if o.sink else None
+    uploaded = upload_dir(target, sink) if sink else []
     summary = {
         "model_version": version,
         "generated": len(scores),
@@ -85,6 +88,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "mean_realism_all": round(float(scores["realism"].mean()), 6),
         "mean_novelty_all": round(float(scores["novelty"].mean()), 6),
         "extractor": extractor.kind,
+        "sink": sink,
+        "sink_objects": len(uploaded),
     }
     with tracking.stage_run(ws, cfg, "optimize"):
         tracking.log_metrics({k: v for k, v in summary.items()

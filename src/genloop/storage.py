@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import mimetypes
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from genloop.errors import GenloopError
+
+log = logging.getLogger(__name__)
 
 S3_ENDPOINT_VARS = ("GENLOOP_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
@@ -97,11 +102,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def s3_endpoint_url() -> str | None:
+def s3_endpoint_setting() -> tuple[str | None, str]:
+    """(endpoint URL, the variable it came from); (None, GENLOOP_S3_ENDPOINT_URL) when none is set."""
     for var in S3_ENDPOINT_VARS:
         if os.environ.get(var):
-            return os.environ[var]
-    return None
+            return os.environ[var], var
+    return None, S3_ENDPOINT_VARS[0]
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint from GENLOOP_S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (first set)."""
+    return s3_endpoint_setting()[0]
 
 
 def s3_client() -> Any:
@@ -116,9 +127,113 @@ def s3_client() -> Any:
     return boto3.client("s3", endpoint_url=s3_endpoint_url(), config=cfg)
 
 
-def describe_s3_failure(uri: str, exc: Exception) -> str:
-    endpoint = s3_endpoint_url() or "the AWS default endpoint"
+def transient_s3(exc: BaseException) -> bool:
+    """Connection failures, timeouts, 5xx and throttling are worth a retry; a missing bucket
+    or a denied request is not."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or err.get("Code") in {"Throttling", "ThrottlingException", "SlowDown"}
+    return False
+
+
+def describe_s3_failure(uri: str, exc: BaseException | str, action: str = "read") -> str:
+    """A message naming what failed (`cannot <action> <uri>`), the endpoint used and the
+    variable that sets it, so the user knows what to fix."""
+    endpoint, var = s3_endpoint_setting()
+    where = endpoint or "the AWS default endpoint"
+    fix = var if endpoint else f"{var} (unset: the AWS default endpoint is used)"
+    cause = exc if isinstance(exc, str) else f"{exc.__class__.__name__}: {exc}"
     return (
-        f"cannot read {uri} at {endpoint}: {exc.__class__.__name__}: {exc}. "
-        f"Check GENLOOP_S3_ENDPOINT_URL and the AWS credentials in the environment."
+        f"cannot {action} {uri} at {where}: {cause}. "
+        f"Check {fix} and the AWS credentials in the environment."
     )
+
+
+def join_s3_uri(base: str, *parts: str) -> str:
+    """`base` (s3://bucket[/prefix][/]) with `parts` appended as path segments."""
+    parse_s3_uri(base)
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def _delete_keys(client: Any, bucket: str, keys: list[str]) -> None:
+    for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+        batch = [{"Key": k} for k in keys[i : i + 1000]]
+        answer = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        if answer.get("Errors"):
+            first = answer["Errors"][0]
+            raise RuntimeError(f"{len(answer['Errors'])} objects not deleted, e.g. {first.get('Key')}: "
+                               f"{first.get('Code')} {first.get('Message')}")
+
+
+def _put_file(client: Any, bucket: str, key: str, path: Path) -> None:
+    extra = {"ContentType": mime} if (mime := mimetypes.guess_type(path.name)[0]) else {}
+    with open(path, "rb") as body:
+        client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+
+
+def upload_dir(
+    local: Path,
+    s3_uri: str,
+    last: tuple[str, ...] = ("manifest.parquet", "scores.parquet"),
+    workers: int = 8,
+) -> list[str]:
+    """Mirror the folder `local` to the prefix `s3_uri`; return the URIs uploaded, in order.
+
+    The files named in `last` (relative paths) are uploaded after every other file, so their
+    presence marks a complete batch: an old copy of them is deleted before the upload starts,
+    and objects under the prefix that the folder no longer holds are deleted at the end.
+    Any failure raises SinkUnreachable (connection, 5xx, throttling: retry later) or SinkError,
+    naming the URI, the endpoint and the variable to fix.
+    """
+    from genloop.errors import SinkError, SinkUnreachable
+
+    local = Path(local)
+    if not local.is_dir():
+        raise SinkError(f"cannot upload {local} to {s3_uri}: {local} is not a folder")
+    bucket, prefix = parse_s3_uri(s3_uri)
+    prefix = prefix.strip("/")
+    if not prefix:
+        raise SinkError(f"upload_dir mirrors a folder under a prefix; {s3_uri!r} names the whole bucket")
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    tail = [rel for rel in last if rel in files]
+    body = [rel for rel in files if rel not in tail]
+    key = {rel: f"{prefix}/{rel}" for rel in files}
+    uploaded: list[str] = []
+    client = s3_client()
+    try:
+        existing = _list_keys(client, bucket, prefix + "/")
+        stale_markers = [key[rel] for rel in tail if key[rel] in existing]
+        if stale_markers:  # the old batch is no longer complete once its files start changing
+            _delete_keys(client, bucket, stale_markers)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = {pool.submit(_put_file, client, bucket, key[rel], local / rel): rel for rel in body}
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        uploaded.extend(f"s3://{bucket}/{key[rel]}" for rel in body)
+        for rel in tail:
+            _put_file(client, bucket, key[rel], local / rel)
+            uploaded.append(f"s3://{bucket}/{key[rel]}")
+        wanted = set(key.values())
+        stale = [k for k in existing if k not in wanted]
+        if stale:
+            _delete_keys(client, bucket, stale)
+    except Exception as exc:  # botocore raises many unrelated types; all mean "cannot write"
+        error = SinkUnreachable if transient_s3(exc) else SinkError
+        raise error(describe_s3_failure(s3_uri, exc, "write")) from exc
+    log.info("uploaded %d files from %s to %s (%d stale objects removed)", len(uploaded), local, s3_uri,
+             len(stale))
+    return uploaded
