@@ -97,6 +97,19 @@ def test_register_makes_a_pyfunc_champion_that_generates_images(pipeline):
     assert np.array_equal(images, again)
 
 
+def test_registering_the_same_weights_again_makes_no_new_version(pipeline):
+    ws, cfg, _ = pipeline
+    evaluate.run(cfg, ws)  # the generator on disk now (an earlier test resumed training)
+    first = register.run(cfg, ws)
+    client = MlflowClient()
+    before = {str(v.version) for v in client.search_model_versions(f"name = '{cfg.register_.model_name}'")}
+    again = register.run(cfg, ws)
+    assert again["reused"] is True and again["version"] == first["version"]
+    after = {str(v.version) for v in client.search_model_versions(f"name = '{cfg.register_.model_name}'")}
+    assert after == before
+    assert json.loads(ws.report("register").read_text())["reused"] is True
+
+
 def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path):
     ws, cfg, results = pipeline
     # an untrained generator (fresh random weights) is evaluated and registered for real
@@ -110,12 +123,15 @@ def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path)
         save_generator(gen, spec, ws.generator)
         worse = evaluate.run(cfg, ws)
         assert worse["fid"] > results["evaluate"]["fid"]
-        reg = register.run(cfg, ws)
-        assert reg["version"] == "2" and not reg["promoted"]
-        assert reg["champion_version"] == "1"
         client = MlflowClient()
-        assert str(client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version) == "2"
-        assert client.get_model_version(cfg.register_.model_name, "2").tags["genloop.promoted"] == "False"
+        name = cfg.register_.model_name
+        champion_before = str(client.get_model_version_by_alias(name, "champion").version)
+        newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        reg = register.run(cfg, ws)
+        assert reg["version"] == str(newest + 1) and not reg["promoted"]
+        assert reg["champion_version"] == champion_before
+        assert str(client.get_model_version_by_alias(name, "challenger").version) == reg["version"]
+        assert client.get_model_version(name, reg["version"]).tags["genloop.promoted"] == "False"
     finally:
         ws.generator.write_bytes(saved)
 

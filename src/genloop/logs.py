@@ -35,3 +35,29 @@ def setup(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    """Drops the traceback from a log record about a GenloopError: its message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from genloop.errors import GenloopError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, GenloopError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine", "prefect.flow_engine",
+                       "prefect.task_engine")
+
+
+def hide_user_error_tracebacks() -> None:
+    """Prefect logs every task/flow failure with its traceback; for genloop's own errors (bad
+    input, unreachable endpoint: the message names what to fix) the message alone is clearer."""
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorWithoutTraceback())

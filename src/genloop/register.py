@@ -24,6 +24,7 @@ from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_generator.py")
+WEIGHTS_TAG = "genloop.generator_sha256"
 
 
 def _signature(spec: GeneratorSpec) -> Any:
@@ -45,8 +46,36 @@ def decide(challenger: float, champion: float | None) -> tuple[bool, str]:
     return False, f"challenger {challenger:.4f} >= champion {champion:.4f}"
 
 
+def _already_registered(ws: Workspace, name: str, version: str, metric: str, score: float) -> dict[str, Any]:
+    """The summary for weights that an earlier run registered already: no second version."""
+    champ = tracking.get_alias_version(name, "champion")
+    champion_version = str(champ.version) if champ else None
+    summary = {
+        "model_name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "champion_version": champion_version,
+        "champion_uri": f"models:/{name}@champion",
+        "promoted": champion_version == version,
+        "reason": f"these weights are version {version} already; aliases left as they are",
+        "metric": metric,
+        "score": score,
+        "champion_score_before": None,
+        "run_id": None,
+        "tracking_uri": tracking.tracking_uri(ws),
+        "reused": True,
+    }
+    write_json_atomic(ws.report("register"), summary)
+    log.info("register: %s version %s holds these weights already; nothing registered", name, version)
+    return summary
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
-    """Register models/generator.pt; write reports/register.json with the decision."""
+    """Register models/generator.pt; write reports/register.json with the decision.
+
+    Weights registered before (same sha256) are not registered again: the summary names
+    the existing version and no alias moves.
+    """
     import mlflow
 
     if not ws.report("eval").exists():
@@ -58,6 +87,10 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     name = cfg.register_.model_name
     metric = cfg.register_.metric
     score = float(evaluation[metric])
+    tracking.configure(ws, cfg)
+    existing = tracking.find_version(name, WEIGHTS_TAG, evaluation["generator_sha256"])
+    if existing is not None:
+        return _already_registered(ws, name, str(existing.version), metric, score)
     with tracking.stage_run(ws, cfg, "register") as run:
         info = mlflow.pyfunc.log_model(
             name="generator",
@@ -78,6 +111,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         tags = {
             "genloop.data_version": data_version(ws),
             "genloop.git_commit": git_commit(ws.root),
+            WEIGHTS_TAG: evaluation["generator_sha256"],
             "genloop.extractor": evaluation["extractor"]["name"],
             "genloop.train_run_id": evaluation.get("train_run_id"),
             "genloop.eval_run_id": evaluation.get("run_id"),
@@ -110,6 +144,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "champion_score_before": champ_score,
         "run_id": run_id,
         "tracking_uri": tracking.tracking_uri(ws),
+        "reused": False,
     }
     write_json_atomic(ws.report("register"), summary)
     log.info("register: %s version %s (%s; %s)", name, version, "champion" if promote else "challenger", reason)

@@ -42,6 +42,13 @@ def ui_command(ws: Workspace) -> str:
     return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {ws.mlflow_artifacts.as_uri()}"
 
 
+def run_link(ws: Workspace, run: Any) -> str:
+    """A URL of the run's page in the MLflow UI (the tracking server's, or `mlflow ui`'s default)."""
+    uri = tracking_uri(ws)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
 def configure(ws: Workspace, cfg: Params) -> str:
     """Point MLflow at this workspace's store, check it answers, select the experiment.
 
@@ -188,6 +195,18 @@ def get_alias_version(name: str, alias: str) -> Any | None:
         return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def find_version(name: str, tag: str, value: str) -> Any | None:
+    """The newest version of model `name` whose tag `tag` equals `value`, or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version), default=None)
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:
