@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint lock clean-workspace
+.PHONY: install run test test-integration lint lock clean-workspace services services-down services-status deploy
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,21 @@ run: install  ## collect the built-in corpus and run the whole loop (Prefect flo
 test: install  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
 	$(BIN)/python -m pytest -q
 
+test-integration: install  ## only the tests against real servers (services, deployments, S3, failures)
+	$(BIN)/python -m pytest -q -m integration
+
+services: install  ## start MLflow server, Prefect server and a process worker on 127.0.0.1 (logs: .genloop/services/logs)
+	$(BIN)/genloop services up
+
+services-down:  ## stop exactly the processes `make services` started
+	$(BIN)/genloop services down
+
+services-status:
+	$(BIN)/genloop services status
+
+deploy: install  ## register flows/prefect.yaml's deployments with the running Prefect server
+	source .genloop/services/env.sh && $(BIN)/prefect --no-prompt deploy --all --prefect-file flows/prefect.yaml
+
 lint: install
 	$(BIN)/ruff check src tests flows
 
@@ -38,4 +53,4 @@ lock:  ## re-resolve requirements.lock after changing pyproject.toml
 	  --override requirements-torch-override.txt --no-emit-find-links -o requirements.lock
 
 clean-workspace:  ## remove everything the loop wrote (data, models, runs, outputs)
-	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop gx/uncommitted data.dvc
+	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop/cache gx/uncommitted data.dvc

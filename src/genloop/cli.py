@@ -34,7 +34,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging
 def _fail(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -97,6 +97,67 @@ def loop(
         _fail(str(exc))
         return
     typer.echo(result["where"])
+
+
+services_app = typer.Typer(
+    help="Local services for scheduled runs on 127.0.0.1: an MLflow tracking server (sqlite, served "
+    "artifacts), a Prefect server and a worker on the process work pool 'genloop-local'. "
+    "State and logs live in <workspace>/.genloop/services/.",
+    no_args_is_help=True,
+)
+app.add_typer(services_app, name="services")
+HomeOpt = Annotated[
+    Path | None, typer.Option("--dir", help="where state, databases and logs go [default: WORKSPACE/.genloop/services]")
+]
+
+
+def _services_home(workspace: Path, home: Path | None) -> Path:
+    return (home or workspace / ".genloop" / "services").resolve()
+
+
+@services_app.command("up")
+def services_up(
+    workspace: WorkspaceOpt = Path("."),
+    home: HomeOpt = None,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server (API + UI) port.")] = 4200,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each service to become ready.")] = 240,
+) -> None:
+    """Start the MLflow server, the Prefect server and a process worker in the background."""
+    from genloop import logs, services
+    from genloop.errors import GenloopError
+
+    logs.setup()
+    try:
+        state = services.up(_services_home(workspace, home), workspace.resolve(),
+                            services.Ports(mlflow=mlflow_port, prefect=prefect_port), timeout=timeout)
+    except GenloopError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"services up in {state['startup_seconds']} s\n" + services.describe(state))
+
+
+@services_app.command("down")
+def services_down(workspace: WorkspaceOpt = Path("."), home: HomeOpt = None) -> None:
+    """Stop exactly the processes `genloop services up` started (and their children)."""
+    from genloop import logs, services
+
+    logs.setup()
+    stopped = services.down(_services_home(workspace, home))
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@services_app.command("status")
+def services_status(
+    workspace: WorkspaceOpt = Path("."),
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the recorded state as JSON.")] = False,
+) -> None:
+    """Show the URLs, processes and logs of the local services."""
+    from genloop import services
+
+    state = services.status(_services_home(workspace, home))
+    typer.echo(services.as_json(state) if as_json else services.describe(state))
 
 
 @app.command("params")
