@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 TINY = [
     "collect.sources=[{uri: 'builtin:mnist', limit: 400}]",
     "validate.min_rows=50",
@@ -20,3 +26,51 @@ TINY = [
     "generate.batch_size=10",
     "optimize.keep=10",
 ]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def cli_env(ws: Path, **extra: str) -> dict[str, str]:
+    """The environment of a genloop/prefect/dvc subprocess: this venv first on PATH, analytics
+    off, Prefect state inside the workspace, nothing inherited from an outer loop or server."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "GENLOOP_PARENT", "MLFLOW_TRACKING_URI"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(ws / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        DVC_NO_ANALYTICS="1",
+        GX_ANALYTICS_ENABLED="false",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(cmd: list[str], ws: Path, env: dict[str, str], timeout: int = 600,
+            ok: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in the workspace; with ok=True, fail the test with its output unless it exits 0."""
+    done = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def make_workspace(ws: Path, overrides: list[str] = TINY) -> Path:
+    """A git + DVC repository holding genloop's dvc.yaml, src/, flows/ and params.yaml with `overrides`."""
+    import yaml
+
+    from genloop.config import load_params
+
+    shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
+    # dvc.yaml's stages depend on genloop's source files: the workspace carries a copy
+    shutil.copytree(ROOT / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT / "flows", ws / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = load_params(ROOT / "params.yaml", overrides)
+    (ws / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    env = cli_env(ws)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=ws, check=True, env=env)
+    return ws

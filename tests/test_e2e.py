@@ -4,8 +4,6 @@ ephemeral API and a real DVC repository; then `dvc repro` twice (the second does
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,12 +16,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from genloop.config import load_params
 from tests.conftest import free_port
-from tests.helpers import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, cli_env, make_workspace, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +51,11 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, mlflow_server):
     """A git + DVC repository holding genloop's dvc.yaml, its sources and tiny params."""
-    ws = tmp_path_factory.mktemp("e2e")
-    shutil.copytree(ROOT / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
-    cfg = load_params(ROOT / "params.yaml", TINY)
-    (ws / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
-    env = _env(ws, mlflow_server)
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=ws, check=True, env=env)
-    return ws
-
-
-def _env(ws: Path, tracking: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GENLOOP_PARENT"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        MLFLOW_TRACKING_URI=tracking,
-        PREFECT_HOME=str(ws / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        DVC_NO_ANALYTICS="1",
-        GX_ANALYTICS_ENABLED="false",
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    return env
+    return make_workspace(tmp_path_factory.mktemp("e2e"))
 
 
 def _run(cmd: list[str], ws: Path, tracking: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=ws, env=_env(ws, tracking), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
-    return done
+    return run_cli(cmd, ws, cli_env(ws, MLFLOW_TRACKING_URI=tracking), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,55 @@
+"""Failure is clear: a wrong S3 endpoint or a stopped MLflow server ends `genloop loop` after
+bounded retries with one readable error naming the endpoint and the variable to fix, and
+leaves no partial dataset version behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_wrong_s3_endpoint_fails_collect_clearly_and_leaves_no_dataset_version(tmp_path: Path):
+    ws = make_workspace(tmp_path, [*TINY, "collect.sources=[{uri: 's3://images/icons'}]"])
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = cli_env(ws, GENLOOP_S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    started = time.monotonic()
+    done = run_cli([str(BIN / "genloop"), "loop"], ws, env, timeout=300, ok=False)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = _errors(done.stderr)
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert endpoint in errors[0] and "GENLOOP_S3_ENDPOINT_URL" in errors[0] and "s3://images/icons" in errors[0]
+    assert "Retries are exhausted" in done.stderr  # Prefect retried the collect task, then gave up
+    assert "Traceback" not in done.stderr
+    assert not (ws / "data.dvc").exists()
+    raw = ws / "data" / "raw"
+    assert not raw.exists() or not any(p.is_file() for p in raw.rglob("*"))
+    print(f"wrong S3 endpoint: failed after {seconds:.1f} s")
+
+
+def test_a_stopped_mlflow_server_fails_the_loop_clearly(tmp_path: Path):
+    ws = make_workspace(tmp_path)
+    tracking = f"http://127.0.0.1:{free_port()}"  # a server that is not running
+    env = cli_env(ws, MLFLOW_TRACKING_URI=tracking, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
+    started = time.monotonic()
+    done = run_cli([str(BIN / "genloop"), "loop"], ws, env, timeout=300, ok=False)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = _errors(done.stderr)
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert tracking in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (ws / "models" / "generator.pt").exists()
+    print(f"stopped MLflow server: failed after {seconds:.1f} s")
