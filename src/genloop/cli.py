@@ -99,6 +99,31 @@ def loop(
     typer.echo(result["where"])
 
 
+def _transfer_data(verb: str, workspace: Path, verbose: bool) -> None:
+    from genloop import dvc_remote, logs
+    from genloop.errors import GenloopError
+
+    logs.setup(verbose)
+    try:
+        remote = getattr(dvc_remote, verb)(workspace.resolve())
+    except GenloopError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{verb}: data.dvc {'to' if verb == 'push' else 'from'} DVC remote {remote.name!r} ({remote.url})")
+
+
+@app.command("push")
+def push_data(workspace: WorkspaceOpt = Path("."), verbose: VerboseOpt = False) -> None:
+    """`dvc push data.dvc` to the default DVC remote, with genloop's S3 endpoint (GENLOOP_S3_ENDPOINT_URL)."""
+    _transfer_data("push", workspace, verbose)
+
+
+@app.command("pull")
+def pull_data(workspace: WorkspaceOpt = Path("."), verbose: VerboseOpt = False) -> None:
+    """Restore data/raw from the default DVC remote (`dvc pull data.dvc`, genloop's S3 endpoint): on a fresh clone."""
+    _transfer_data("pull", workspace, verbose)
+
+
 services_app = typer.Typer(
     help="Local services for scheduled runs on 127.0.0.1: an MLflow tracking server (sqlite, served "
     "artifacts), a Prefect server and a worker on the process work pool 'genloop-local'. "
