@@ -67,7 +67,8 @@ def _port_free(port: int) -> bool:
 
 def service_env(ports: Ports) -> dict[str, str]:
     """The variables that point genloop, MLflow and Prefect clients at these services."""
-    return {"MLFLOW_TRACKING_URI": ports.mlflow_url, "PREFECT_API_URL": ports.prefect_api}
+    return {"MLFLOW_TRACKING_URI": ports.mlflow_url, "MLFLOW_REGISTRY_URI": ports.mlflow_url,
+            "PREFECT_API_URL": ports.prefect_api}
 
 
 def _base_env(home: Path) -> dict[str, str]:

@@ -30,8 +30,17 @@ _RETRY_DEFAULTS = {
 }
 
 
+# sqlite stores genloop chose itself. mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so
+# without this a second workspace in the same process would log into the first one's store.
+_CHOSEN_DEFAULTS: set[str] = set()
+
+
 def tracking_uri(ws: Workspace) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ws.mlflow_db}"
+    """MLFLOW_TRACKING_URI when the user set it, else the workspace's sqlite store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env not in _CHOSEN_DEFAULTS:
+        return env
+    return f"sqlite:///{ws.mlflow_db}"
 
 
 def ui_command(ws: Workspace) -> str:
@@ -59,9 +68,12 @@ def configure(ws: Workspace, cfg: Params) -> str:
     for var, value in _RETRY_DEFAULTS.items():
         os.environ.setdefault(var, value)
     uri = tracking_uri(ws)
+    if uri == f"sqlite:///{ws.mlflow_db}":
+        _CHOSEN_DEFAULTS.add(uri)
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        mlflow.set_registry_uri(uri)
+    # the registry lives where the runs do; set it explicitly, because set_registry_uri also
+    # exports MLFLOW_REGISTRY_URI, and a stale one (another workspace's sqlite) would win
+    mlflow.set_registry_uri(uri)
     try:
         exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
