@@ -1,17 +1,31 @@
-"""Model family contracts: shapes, conditioning, determinism, checkpoint loading."""
+"""Model family contracts: shapes, conditioning, determinism, checkpoint loading, and the
+real train/evaluate/register stages for every family."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from genloop.config import ModelParams
 from genloop.errors import GenloopError
-from genloop.models import GeneratorSpec, family, load_generator, sample, save_generator
+from genloop.models import FAMILIES, GeneratorSpec, family, load_generator, sample, save_generator
 
 SMALL = {"latent_dim": 8, "g_width": 8, "d_width": 8}
+TINY_HP = {
+    "dcgan": SMALL,
+    "vae": {"latent_dim": 8, "width": 8, "kl_warmup_steps": 2},
+    "ddpm": {"width": 8, "channel_mult": [1, 2], "timesteps": 50, "sampling_steps": 3},
+}
 
 
 @pytest.mark.parametrize("resolution,channels,classes", [(16, 1, []), (32, 3, ["a", "b", "c"]), (8, 1, ["x"])])
@@ -57,3 +71,179 @@ def test_generator_round_trips_through_a_state_dict(tmp_path):
 def test_unknown_family_is_named():
     with pytest.raises(GenloopError, match="model.family='stylegan'"):
         family("stylegan")
+
+
+# ---- every family: the same contract ------------------------------------------------------------
+
+
+def _trained(name: str, spec: GeneratorSpec, steps: int = 2) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    trainer = family(name).Trainer(spec, lr=1e-3, beta1=0.5, device=torch.device("cpu"))
+    real = torch.rand(4, spec.channels, spec.resolution, spec.resolution) * 2 - 1
+    labels = torch.tensor([i % spec.num_classes for i in range(4)]) if spec.classes else None
+    return trainer, [trainer.step(real, labels, contextlib.nullcontext) for _ in range(steps)]
+
+
+def test_the_registry_lists_the_three_families_and_their_defaults_match_params():
+    assert FAMILIES == ("dcgan", "vae", "ddpm")
+    defaults = ModelParams()
+    for name in FAMILIES:
+        assert family(name).DEFAULTS == getattr(defaults, name).model_dump(), name
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("resolution,channels,classes", [(16, 1, []), (32, 3, ["a", "b", "c"])])
+def test_every_family_trains_on_cpu_and_samples_the_configured_shape(name, resolution, channels, classes):
+    spec = GeneratorSpec(name, resolution, channels, classes, TINY_HP[name])
+    torch.manual_seed(0)
+    trainer = family(name).Trainer(spec, lr=1e-3, beta1=0.5, device=torch.device("cpu"))
+    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in trainer.modules().items()}
+    real = torch.rand(4, channels, resolution, resolution) * 2 - 1
+    labels = torch.tensor([i % len(classes) for i in range(4)]) if classes else None
+    for _ in range(2):
+        losses = trainer.step(real, labels, contextlib.nullcontext)
+        assert losses and all(v.ndim == 0 and torch.isfinite(v) and not v.requires_grad for v in losses.values())
+    for key, module in trainer.modules().items():  # every trained module moved
+        assert any(not torch.equal(a, b) for a, b in zip(before[key], module.parameters(), strict=True)), key
+    for label in (None, classes[-1] if classes else None):
+        images = sample(trainer.generator.eval(), spec, 5, seed=1, label=label)
+        assert images.shape == (5, resolution, resolution, channels)
+        assert images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_samples_deterministically_per_seed(name):
+    spec = GeneratorSpec(name, 16, 1, ["0", "1"], TINY_HP[name])
+    trainer, _ = _trained(name, spec)
+    gen = trainer.generator.eval()
+    a, b, c = sample(gen, spec, 6, seed=3), sample(gen, spec, 6, seed=3), sample(gen, spec, 6, seed=4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # each image depends only on its own latent, not on its batch (up to float rounding)
+    rebatched = sample(gen, spec, 6, seed=3, batch_size=4)
+    assert np.abs(a.astype(int) - rebatched.astype(int)).max() <= 1
+    assert not np.array_equal(sample(gen, spec, 4, seed=3, label="0"), sample(gen, spec, 4, seed=3, label="1"))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_round_trips_through_a_plain_state_dict(name, tmp_path):
+    spec = GeneratorSpec(name, 16, 1, ["0", "1", "2"], TINY_HP[name])
+    trainer, _ = _trained(name, spec)
+    gen = trainer.generator.eval()
+    save_generator(gen, spec, tmp_path / "g.pt")
+    loaded, loaded_spec = load_generator(tmp_path / "g.pt")
+    assert loaded_spec == spec
+    assert np.array_equal(sample(gen, spec, 3, seed=9), sample(loaded, loaded_spec, 3, seed=9))
+    state = torch.load(tmp_path / "g.pt", weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_vae_kl_weight_warms_up_and_is_checkpointed():
+    spec = GeneratorSpec("vae", 16, 1, [], {**TINY_HP["vae"], "kl_warmup_steps": 4, "beta": 2.0})
+    trainer, history = _trained("vae", spec, steps=6)
+    weights = [float(h["kl_weight"]) for h in history]
+    assert weights == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
+    assert int(trainer.modules()["encoder"].state_dict()["steps"]) == 6
+
+
+def test_ddpm_ddim_schedule_and_guidance():
+    ddpm = family("ddpm")
+    steps = ddpm.ddim_timesteps(1000, 25)
+    assert len(steps) == 25 and steps[0] == 999 and steps[-1] == 0 and steps == sorted(set(steps), reverse=True)
+    for schedule in ("cosine", "linear"):
+        abar = ddpm.alphas_cumprod(1000, schedule)
+        assert abar.shape == (1000,) and bool((abar[1:] < abar[:-1]).all()) and 0 < float(abar[-1]) < 0.01
+    guided = GeneratorSpec("ddpm", 8, 1, ["0", "1"], {**TINY_HP["ddpm"], "guidance": 3.0})
+    plain = GeneratorSpec("ddpm", 8, 1, ["0", "1"], TINY_HP["ddpm"])
+    torch.manual_seed(0)
+    gen = ddpm.build_generator(guided).eval()
+    with torch.no_grad():  # away from the zero init, so class and "no class" predictions differ
+        for p in gen.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    a = sample(gen, guided, 4, seed=1)
+    assert a.shape == (4, 8, 8, 1) and np.array_equal(a, sample(gen, guided, 4, seed=1))
+    z, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        x_guided, x_plain = ddpm.generate(gen, guided, z, y), ddpm.generate(gen, plain, z, y)
+    assert x_guided.shape == x_plain.shape == (4, 1, 8, 8) and not torch.equal(x_guided, x_plain)
+    assert float(x_guided.abs().max()) <= 1.0
+    with pytest.raises(GenloopError, match="channel_mult"):
+        ddpm.build_generator(GeneratorSpec("ddpm", 8, 1, [], {"channel_mult": [1, 1, 1, 1]}))
+
+
+# ---- the real stages, per family -----------------------------------------------------------------
+
+STAGE_TINY = [
+    "collect.sources=[{uri: 'builtin:mnist', limit: 400}]",
+    "collect.dvc_add=false",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.log_every=2",
+    "train.checkpoint_every=5",
+    "train.grid_size=20",
+    "evaluate.n_samples=40",
+    "evaluate.extractor_epochs=1",
+    "evaluate.kid_subset_size=20",
+]
+FAMILY_TINY = {
+    "vae": ["model.family=vae", "model.vae.width=8", "model.vae.latent_dim=8"],
+    "ddpm": ["model.family=ddpm", "model.ddpm.width=8", "model.ddpm.channel_mult=[1,2]",
+             "model.ddpm.sampling_steps=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with 400 collected + cleaned MNIST digits and its in-domain extractor."""
+    from genloop import clean, collect
+    from genloop.config import load_params
+    from genloop.features import get_extractor
+    from genloop.workspace import Workspace
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("GENLOOP_PARENT_RUN_ID", None)
+    ws = Workspace.at(tmp_path_factory.mktemp("clean"))
+    cfg = load_params(None, STAGE_TINY)
+    collect.run(cfg, ws)
+    clean.run(cfg, ws)
+    get_extractor(cfg, ws)
+    return ws.root
+
+
+@pytest.mark.parametrize("name", ["vae", "ddpm"])
+def test_train_evaluate_register_run_for_the_family(name, clean_data, tmp_path, monkeypatch):
+    from genloop import evaluate, register, train
+    from genloop.config import load_params
+    from genloop.workspace import Workspace
+
+    # mlflow.set_tracking_uri/set_registry_uri export these: unset them now and again afterwards
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "GENLOOP_PARENT_RUN_ID"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    ws = Workspace.at(tmp_path)
+    shutil.copytree(clean_data / "data", ws.root / "data")
+    shutil.copytree(clean_data / ".genloop" / "cache" / "extractors", ws.cache / "extractors")
+    cfg = load_params(None, [*STAGE_TINY, *FAMILY_TINY[name]])
+
+    summary = train.run(cfg, ws)
+    assert summary["family"] == name and summary["conditional"] and summary["steps"] > 0
+    assert summary["final"]["loss"] > 0
+    gen, spec = load_generator(ws.generator)
+    assert spec.family == name and spec.classes == [str(i) for i in range(10)]
+    assert spec.hparams == getattr(cfg.model, name).model_dump()
+    curve = pd.read_csv(ws.reports / "train.csv")
+    assert {"step", "loss", "img_per_s"} <= set(curve.columns)
+
+    report = evaluate.run(cfg, ws)
+    assert report["n_fake"] == 40 and np.isfinite(report["fid"]) and np.isfinite(report["kid_mean"])
+    assert json.loads(ws.report("eval").read_text())["extractor"]["name"] == "domain-classifier"
+    assert (ws.reports / "eval_samples.png").exists()
+
+    reg = register.run(cfg, ws)
+    assert reg["version"] == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{ws.mlflow_db}")
+    mlflow.set_registry_uri(f"sqlite:///{ws.mlflow_db}")
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.register_.model_name}/1")
+    images = model.predict(pd.DataFrame({"n": [3, 2], "seed": [5, 6], "label": ["7", "7"]}))
+    assert images.shape == (5, 32, 32, 1) and images.dtype == np.uint8
+    assert np.array_equal(images[:3], sample(gen, spec, 3, seed=5, label="7"))

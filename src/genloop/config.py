@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,12 +110,53 @@ class DCGANParams(_Section):
     d_width: int = Field(32, ge=4)
 
 
+class VAEParams(_Section):
+    """Convolutional VAE: Bernoulli reconstruction loss + beta x KL."""
+
+    latent_dim: int = Field(32, ge=2, description="size of the Gaussian latent")
+    width: int = Field(32, ge=4, description="channels of the first encoder block (doubling per block)")
+    beta: float = Field(1.0, ge=0, description="weight of the KL term (1: the ELBO)")
+    kl_warmup_steps: int = Field(200, ge=0, description="steps over which the KL weight ramps from 0 to beta")
+    lr: float | None = Field(1e-3, gt=0, description="Adam learning rate of this family; null: train.lr")
+
+
+class DDPMParams(_Section):
+    """Small UNet DDPM with epsilon prediction, sampled by deterministic DDIM."""
+
+    width: int = Field(32, ge=4, description="UNet channels at full resolution")
+    channel_mult: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=lambda: [1, 2, 2], min_length=1, max_length=6,
+        description="channel multiplier per resolution level (each level halves the side)",
+    )
+    attention: bool = Field(True, description="self-attention at the lowest resolution")
+    timesteps: int = Field(1000, ge=2, le=10_000, description="diffusion steps in training")
+    schedule: Literal["cosine", "linear"] = Field("cosine", description="noise schedule")
+    sampling_steps: int = Field(25, ge=1, description="DDIM steps per sample (each one UNet call per image)")
+    cond_dropout: float = Field(
+        0.1, ge=0, lt=1, description="share of labels dropped in training (enables classifier-free guidance)"
+    )
+    guidance: float = Field(
+        1.0, ge=0, description="classifier-free guidance scale at sampling; 1: none (>1 costs 2 UNet calls/step)"
+    )
+    lr: float | None = Field(5e-4, gt=0, description="Adam learning rate of this family; null: train.lr")
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> DDPMParams:
+        if self.sampling_steps > self.timesteps:
+            raise ValueError(f"sampling_steps ({self.sampling_steps}) must be <= timesteps ({self.timesteps})")
+        return self
+
+
 class ModelParams(_Section):
-    family: Literal["dcgan"] = "dcgan"
+    family: Literal["dcgan", "vae", "ddpm"] = Field(
+        "dcgan", description="generative family; its section below holds its hyper-parameters"
+    )
     conditional: Literal["auto", "yes", "no"] = Field(
         "auto", description="auto: class-conditional when the dataset has labels"
     )
     dcgan: DCGANParams = Field(default_factory=DCGANParams)
+    vae: VAEParams = Field(default_factory=VAEParams)
+    ddpm: DDPMParams = Field(default_factory=DDPMParams)
 
 
 class TrainParams(_Section):

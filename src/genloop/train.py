@@ -149,7 +149,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
                         values["img_per_s"] = (step - resumed_from) * batch / (time.perf_counter() - start)
                         metrics.add(step, values)
                         history.append({"step": step, "epoch": epoch + 1, **values})
-                        bar.advance(0, loss_d=values["loss_d"], loss_g=values["loss_g"],
+                        # whatever the family reports (GAN: loss_d/loss_g, VAE: loss/recon/kl, DDPM: loss)
+                        bar.advance(0, **{k: v for k, v in values.items() if k != "img_per_s"},
                                     img_s=round(values["img_per_s"]))
                     bar.advance()
                     if step % t.checkpoint_every == 0:
@@ -182,7 +183,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             "seconds": round(seconds, 2),
             "img_per_s": round(trained * batch / seconds, 1) if trained and seconds > 0 else None,
             "device": rt.describe(),
-            "final": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith(("loss", "d_"))},
+            "final": {k: v for k, v in (history[-1] if history else {}).items()
+                      if k not in ("step", "epoch", "img_per_s")},
         }
         tracking.log_metrics({"train_seconds": seconds, "train_steps": step})
     write_json_atomic(ws.report("train"), summary)

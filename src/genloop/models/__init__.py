@@ -1,7 +1,17 @@
 """Generative model families, one self-contained module each, picked by name.
 
-Every family module exposes `build_generator(spec)` and a `Trainer` class; a
-`GeneratorSpec` (saved as JSON beside the weights) is all that is needed to rebuild a
+Every family module exposes:
+
+- `DEFAULTS`: its hyper-parameters' defaults (the spec's `hparams` override them);
+- `latent_shape(spec)`: the shape of one sample's latent, drawn from N(0, I) by `sample`;
+- `build_generator(spec)`: the module that is saved, registered and sampled from;
+- `Trainer(spec, lr, beta1, device)` with `.generator`, `.modules()`, `.optimizers()` and
+  `.step(real, labels, autocast) -> {name: detached loss tensor}`;
+- optionally `generate(gen, spec, latent, labels) -> images in [-1, 1]`, for families whose
+  sampling is more than one call of the generator (DDPM's DDIM loop); without it, sampling
+  is `gen(latent, labels)`.
+
+A `GeneratorSpec` (saved as JSON beside the weights) is all that is needed to rebuild a
 generator from its state dict, in training, evaluation and the MLflow pyfunc model.
 """
 
@@ -19,7 +29,7 @@ import torch
 
 from genloop.errors import GenloopError
 
-FAMILIES = ("dcgan",)
+FAMILIES = ("dcgan", "vae", "ddpm")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,14 @@ def family(name: str) -> ModuleType:
     if name not in FAMILIES:
         raise GenloopError(f"model.family={name!r} is unknown; choose one of {', '.join(FAMILIES)}")
     return importlib.import_module(f"genloop.models.{name}")
+
+
+def generate(
+    gen: torch.nn.Module, spec: GeneratorSpec, latent: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """Images in [-1, 1] from a batch of latents: the family's `generate`, else `gen(latent, labels)`."""
+    custom = getattr(family(spec.family), "generate", None)
+    return custom(gen, spec, latent, labels) if custom is not None else gen(latent, labels)
 
 
 def save_generator(module: torch.nn.Module, spec: GeneratorSpec, weights: Path) -> None:
@@ -92,7 +110,11 @@ def sample(
     label: str | int | None = None,
     batch_size: int = 256,
 ) -> np.ndarray:
-    """`n` images as uint8 NHWC, the same for the same seed on any device."""
+    """`n` images as uint8 NHWC, the same for the same seed on any device.
+
+    The latent is the only randomness: it is drawn on the CPU from `seed`, and every family
+    turns it into images deterministically (DDPM samples with DDIM, eta=0).
+    """
     device = next(gen.parameters()).device
     rng = torch.Generator().manual_seed(seed)
     latent = family(spec.family).latent_shape(spec)
@@ -102,6 +124,6 @@ def sample(
     for start in range(0, n, batch_size):
         zb = z[start : start + batch_size].to(device)
         yb = labels[start : start + batch_size].to(device) if labels is not None else None
-        x = gen(zb, yb).float().clamp(-1, 1)
+        x = generate(gen, spec, zb, yb).float().clamp(-1, 1)
         out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, spec.resolution, spec.resolution, spec.channels), np.uint8)
