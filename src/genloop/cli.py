@@ -68,8 +68,25 @@ def _make_stage_command(name: str) -> None:
     app.command(name=name, help=HELP[name])(command)
 
 
+def train_command(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = Path("."),
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", help="data-parallel processes: >1 relaunches under torchrun with DDP (= --set train.gpus=N)."
+    )] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    sets = [*(set_ or []), *([f"train.gpus={gpus}"] if gpus is not None else [])]
+    summary = _run_stage("train", params, sets, workspace, verbose)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 for _name in ORDER:
-    _make_stage_command(_name)
+    if _name == "train":
+        app.command("train", help=HELP["train"])(train_command)
+    else:
+        _make_stage_command(_name)
 
 
 @app.command()

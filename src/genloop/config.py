@@ -171,6 +171,11 @@ class TrainParams(_Section):
     channels_last: Literal["auto", "yes", "no"] = "auto"
     compile: bool = False
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
+    gpus: int = Field(
+        0, ge=0, le=64,
+        description="data-parallel processes under torchrun (DDP; NCCL on GPUs, gloo on CPU); 0 or 1: one process",
+    )
+    deterministic: bool = Field(False, description="torch deterministic algorithms: bit-exact resume on CPU")
     log_every: int = Field(25, ge=1, description="steps between metric flushes")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     grid_size: int = Field(80, ge=1, description="images in each per-epoch sample grid")

@@ -9,6 +9,7 @@ one, so a killed run loses at most that many steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from genloop import tracking
+from genloop import distributed, tracking
 from genloop.config import Params
 from genloop.dataset import ImageSet, load_split, to_unit
 from genloop.device import Runtime, runtime
@@ -26,7 +28,7 @@ from genloop.grids import make_grid
 from genloop.models import GeneratorSpec, family, sample, save_generator
 from genloop.progress import Progress
 from genloop.provenance import data_version
-from genloop.storage import atomic_path, sha256_bytes, write_json_atomic
+from genloop.storage import atomic_path, read_json, sha256_bytes, write_json_atomic, write_text_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -51,19 +53,19 @@ def _spec(cfg: Params, data: ImageSet) -> GeneratorSpec:
     )
 
 
-def checkpoint_dir(cfg: Params, ws: Workspace) -> Path:
+def checkpoint_dir(cfg: Params, ws: Workspace, world_size: int = 1) -> Path:
     """Checkpoints are shared only by runs with the same data and training settings."""
     t = cfg.train
     key = sha256_bytes(
         f"{data_version(ws)}|{cfg.section_hash('data', 'model')}|"
-        f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}".encode()
+        f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}|{world_size}".encode()
     )[:16]
     return ws.cache / "checkpoints" / key
 
 
 def _save_checkpoint(path: Path, trainer: Any, ema: AveragedModel, state: dict[str, Any]) -> None:
     payload = {
-        "modules": {k: m.state_dict() for k, m in trainer.modules().items()},
+        "modules": {k: distributed.unwrap(m).state_dict() for k, m in trainer.modules().items()},
         "optimizers": {k: o.state_dict() for k, o in trainer.optimizers().items()},
         "ema": ema.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -77,7 +79,7 @@ def _save_checkpoint(path: Path, trainer: Any, ema: AveragedModel, state: dict[s
 def _load_checkpoint(path: Path, trainer: Any, ema: AveragedModel) -> dict[str, Any]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     for k, m in trainer.modules().items():
-        m.load_state_dict(payload["modules"][k])
+        distributed.unwrap(m).load_state_dict(payload["modules"][k])
     for k, o in trainer.optimizers().items():
         o.load_state_dict(payload["optimizers"][k])
     ema.load_state_dict(payload["ema"])
@@ -92,10 +94,32 @@ def _grid(ema: AveragedModel, spec: GeneratorSpec, n: int) -> Any:
     return make_grid(images, columns=spec.num_classes or None, scale=2)
 
 
+def _launch_distributed(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Run this stage under torchrun with `train.gpus` processes; their rank 0 writes the report."""
+    params_file = ws.cache / "torchrun" / "params.yaml"
+    write_text_atomic(params_file, yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    distributed.launch(cfg.train.gpus, params_file, ws.root)
+    return read_json(ws.report("train"))
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
-    """Train the configured family; write models/generator.pt(+.json) and reports/train.*"""
+    """Train the configured family; write models/generator.pt(+.json) and reports/train.*
+
+    With `train.gpus` > 1 (and not yet under torchrun) the stage relaunches itself as that
+    many DDP processes and returns rank 0's summary.
+    """
+    world = distributed.current()
+    if cfg.train.gpus > 1 and not world.distributed:
+        return _launch_distributed(cfg, ws)
+    rt = runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    with distributed.process_group(world, rt.device):
+        return _train(cfg, ws, rt, world)
+
+
+def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) -> dict[str, Any]:
     t = cfg.train
-    rt: Runtime = runtime(t.device, t.precision, t.channels_last, t.threads)
     torch.manual_seed(t.seed)
     data = load_split(ws, "train")
     spec = _spec(cfg, data)
@@ -108,13 +132,16 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     step_fn = torch.compile(trainer.step) if t.compile else trainer.step
     ema = AveragedModel(trainer.generator, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
     ema.module.eval()
+    if world.distributed:
+        distributed.wrap_modules(trainer, rt.device)  # rank 0's initial weights go to every rank
+        torch.manual_seed(t.seed + world.rank)  # each rank draws its own noise
 
     n = len(data)
-    batch = min(t.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
+    batch = min(t.batch_size, max(1, n // world.size))  # per process; a global batch is world.size x batch
+    steps_per_epoch = max(1, n // (batch * world.size))
     total_steps = steps_per_epoch * t.epochs
     data_rng = torch.Generator().manual_seed(t.seed + 1)
-    ckpt_dir = checkpoint_dir(cfg, ws)
+    ckpt_dir = checkpoint_dir(cfg, ws, world.size)
     last = ckpt_dir / "last.pt"
     step, history = 0, []
     epoch_rng_state = data_rng.get_state()
@@ -125,10 +152,15 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         log.info("train: resuming from %s at step %d", last, step)
     resumed_from = step
 
-    with tracking.stage_run(ws, cfg, "train", log_params=True) as run:
-        tracking.tag_run({"genloop.device": rt.describe(), "genloop.resumed_from_step": resumed_from})
-        metrics = tracking.MetricBuffer(run.info.run_id, every=t.log_every)
+    main = world.is_main  # only rank 0 logs to MLflow and writes files
+    with tracking.stage_run(ws, cfg, "train", log_params=True) if main else contextlib.nullcontext() as run:
+        if main:
+            tracking.tag_run({"genloop.device": rt.describe(), "genloop.resumed_from_step": resumed_from,
+                              "genloop.world_size": world.size})
+        metrics = tracking.MetricBuffer(run.info.run_id, every=t.log_every) if main else None
         start = time.perf_counter()
+        if not main:  # one progress report per run, not one per process
+            logging.getLogger("genloop.progress").setLevel(logging.WARNING)
         with Progress("train", total_steps, "steps") as bar:
             bar.advance(step)
             while step < total_steps:
@@ -136,30 +168,35 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
                 data_rng.set_state(epoch_rng_state)
                 perm = torch.randperm(n, generator=data_rng).to(rt.device)
                 for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                    idx = perm[i * batch : (i + 1) * batch]
+                    first = (i * world.size + world.rank) * batch  # this rank's slice of the global batch
+                    idx = perm[first : first + batch]
                     x = to_unit(data.images[idx])
                     if rt.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     y = data.labels[idx] if labels_on and data.labels is not None else None
                     losses = step_fn(x, y, rt.autocast())
-                    ema.update_parameters(trainer.generator)
+                    ema.update_parameters(distributed.unwrap(trainer.generator))
                     step += 1
-                    if step % t.log_every == 0 or step == total_steps:
+                    if main and (step % t.log_every == 0 or step == total_steps):
                         values = {k: float(v) for k, v in losses.items()}
-                        values["img_per_s"] = (step - resumed_from) * batch / (time.perf_counter() - start)
+                        values["img_per_s"] = (step - resumed_from) * batch * world.size / (time.perf_counter() - start)
                         metrics.add(step, values)
                         history.append({"step": step, "epoch": epoch + 1, **values})
                         # whatever the family reports (GAN: loss_d/loss_g, VAE: loss/recon/kl, DDPM: loss)
                         bar.advance(0, **{k: v for k, v in values.items() if k != "img_per_s"},
                                     img_s=round(values["img_per_s"]))
                     bar.advance()
-                    if step % t.checkpoint_every == 0:
+                    if main and step % t.checkpoint_every == 0:
                         _save_checkpoint(last, trainer, ema, {
                             "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
                 epoch_rng_state = data_rng.get_state()
-                tracking.log_image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
-        metrics.flush()
+                if main:
+                    tracking.log_image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
         seconds = time.perf_counter() - start
+        distributed.barrier(world)
+        if not main:
+            return {"rank": world.rank, "steps": step, "seconds": round(seconds, 2)}
+        metrics.flush()
         _save_checkpoint(last, trainer, ema, {
             "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
         save_generator(ema.module, spec, ws.generator)
@@ -181,8 +218,10 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             "epochs": t.epochs,
             "resumed_from_step": resumed_from,
             "seconds": round(seconds, 2),
-            "img_per_s": round(trained * batch / seconds, 1) if trained and seconds > 0 else None,
+            "img_per_s": round(trained * batch * world.size / seconds, 1) if trained and seconds > 0 else None,
             "device": rt.describe(),
+            "world_size": world.size,
+            "batch_per_process": batch,
             "final": {k: v for k, v in (history[-1] if history else {}).items()
                       if k not in ("step", "epoch", "img_per_s")},
         }
