@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="images collected (0: all 5,000)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="extra genloop param override for the genloop side, e.g. train.channels_last=yes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -93,7 +95,7 @@ def main() -> None:
     prepare(ws, args.limit)
     cfg = load_params(None, [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
                              f"train.device={args.device}", "train.resume=never",
-                             f"train.checkpoint_every={args.checkpoint_every}"])
+                             f"train.checkpoint_every={args.checkpoint_every}", *args.sets])
     device = pick_device(args.device)
     torch.manual_seed(0)
     ref = reference(ws, cfg, device)

@@ -219,3 +219,8 @@ def test_dvc_push_accepts_yaml_booleans_and_needs_dvc_add() -> None:
         load_params(None, ["collect.dvc_push=maybe"])
     with pytest.raises(ConfigError, match=r"collect\.dvc_push=yes needs collect\.dvc_add=true"):
         load_params(None, ["collect.dvc_push=yes", "collect.dvc_add=false"])
+
+
+def test_bare_yes_and_no_mean_the_words_in_auto_yes_no_settings():
+    cfg = load_params(None, ["train.channels_last=yes", "model.conditional=no", "collect.dvc_push=yes"])
+    assert (cfg.train.channels_last, cfg.model.conditional, cfg.collect.dvc_push) == ("yes", "no", "yes")

@@ -120,3 +120,5 @@ def test_dvc_repro_runs_the_stages_and_a_second_repro_does_nothing(loop_output, 
     second = _run(dvc, workspace, mlflow_server)
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout
+    plots = _run([sys.executable, "-m", "dvc", "plots", "show", "--json"], workspace, mlflow_server)
+    assert "Training loss" in plots.stdout and "img_per_s" in plots.stdout

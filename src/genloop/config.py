@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genloop.errors import ConfigError
+
+
+def _yaml_boolean(v: Any) -> Any:
+    """YAML 1.1 (and `--set key=yes`) reads a bare yes/no as a boolean: take it as meant."""
+    return {True: "yes", False: "no"}.get(v, v) if isinstance(v, bool) else v
+
+
+AutoYesNo = Annotated[Literal["auto", "yes", "no"], BeforeValidator(_yaml_boolean)]
 
 
 class _Section(BaseModel):
@@ -50,7 +58,7 @@ class DataParams(_Section):
 class CollectParams(_Section):
     sources: list[Source] = Field(default_factory=lambda: [Source(uri="builtin:mnist")])
     dvc_add: bool = Field(True, description="run `dvc add data/raw` after collecting")
-    dvc_push: Literal["auto", "yes", "no"] = Field(
+    dvc_push: AutoYesNo = Field(
         "auto",
         description="`dvc push data.dvc` after `dvc add`; auto: when the DVC repo has a default remote, "
         "yes: a missing default remote is an error",
@@ -62,12 +70,6 @@ class CollectParams(_Section):
         if isinstance(v, list):
             return [{"uri": s} if isinstance(s, str) else s for s in v]
         return v
-
-    @field_validator("dvc_push", mode="before")
-    @classmethod
-    def _yaml_booleans(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare yes/no as a boolean
-        return {True: "yes", False: "no"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _push_needs_add(self) -> CollectParams:
@@ -151,7 +153,7 @@ class ModelParams(_Section):
     family: Literal["dcgan", "vae", "ddpm"] = Field(
         "dcgan", description="generative family; its section below holds its hyper-parameters"
     )
-    conditional: Literal["auto", "yes", "no"] = Field(
+    conditional: AutoYesNo = Field(
         "auto", description="auto: class-conditional when the dataset has labels"
     )
     dcgan: DCGANParams = Field(default_factory=DCGANParams)
@@ -168,7 +170,7 @@ class TrainParams(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA")
-    channels_last: Literal["auto", "yes", "no"] = "auto"
+    channels_last: AutoYesNo = "auto"
     compile: bool = False
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores)")
     gpus: int = Field(

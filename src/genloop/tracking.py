@@ -151,9 +151,14 @@ def parent_run(ws: Workspace, cfg: Params, name: str = "loop") -> Iterator[Any]:
 
 
 class MetricBuffer:
-    """Buffers step metrics and sends them with one log_batch call every `every` steps."""
+    """Step metrics and sample grids of one run, sent from a background thread so the training
+    loop never waits for the tracking store: metrics are buffered and sent with one log_batch
+    call every `every` steps; grids are sent as they come. `flush()` waits until all is sent
+    and raises the first error of the background thread."""
 
     def __init__(self, run_id: str, every: int = 25) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient()
@@ -161,6 +166,8 @@ class MetricBuffer:
         self.every = every
         self.pending: list[Any] = []
         self._steps = 0
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genloop-mlflow")
+        self._sent: list[Any] = []
 
     def add(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -169,12 +176,22 @@ class MetricBuffer:
         self.pending.extend(Metric(k, float(v), ts, step) for k, v in values.items())
         self._steps += 1
         if self._steps % self.every == 0:
-            self.flush()
+            self._send_metrics()
+
+    def image(self, image: Any, artifact_file: str) -> None:
+        """Log a PIL image (a sample grid) to the run without blocking."""
+        self._sent.append(self._sender.submit(self.client.log_image, self.run_id, image, artifact_file))
+
+    def _send_metrics(self) -> None:
+        batch, self.pending = self.pending, []
+        for i in range(0, len(batch), 1000):
+            self._sent.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=batch[i : i + 1000]))
 
     def flush(self) -> None:
-        while self.pending:
-            batch, self.pending = self.pending[:1000], self.pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        self._send_metrics()
+        sent, self._sent = self._sent, []
+        for future in sent:
+            future.result()
 
 
 def log_image(image: Any, artifact_file: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from genloop import distributed, tracking
 from genloop.config import Params
@@ -51,6 +51,41 @@ def _spec(cfg: Params, data: ImageSet) -> GeneratorSpec:
         classes=data.classes if conditional else [],
         hparams=hparams,
     )
+
+
+class EmaUpdater:
+    """Updates an AveragedModel (whose state dict the checkpoints hold) as an EMA of the model's
+    weights and buffers, with a decay that ramps up as min(decay, (1 + n) / (10 + n)) so a short
+    run's EMA is not mostly the random initialisation.
+
+    Cheaper than AveragedModel.update_parameters: the tensor lists are built once and updated
+    with one foreach lerp, and the update count is read from the device once (a resumed run
+    continues the same ramp)."""
+
+    def __init__(self, ema: AveragedModel, decay: float) -> None:
+        self.ema = ema
+        self.decay = decay
+        self._n: int | None = None
+        self._float: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._other: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> None:
+        if self._n is None:
+            mine = [*self.ema.module.parameters(), *self.ema.module.buffers()]
+            theirs = [*model.parameters(), *model.buffers()]
+            pairs = list(zip(mine, theirs, strict=True))
+            self._float = ([e.detach() for e, m in pairs if e.is_floating_point()],
+                           [m.detach() for e, m in pairs if e.is_floating_point()])
+            self._other = [(e.detach(), m.detach()) for e, m in pairs if not e.is_floating_point()]
+            self._n = int(self.ema.n_averaged)
+        n = self._n
+        d = 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))  # the first update copies
+        torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - d)
+        for e, m in self._other:  # integer buffers (BatchNorm's batch counter)
+            e.copy_(e * d + m * (1 - d))
+        self.ema.n_averaged += 1
+        self._n = n + 1
 
 
 def checkpoint_dir(cfg: Params, ws: Workspace, world_size: int = 1) -> Path:
@@ -130,8 +165,9 @@ def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) ->
         for m in trainer.modules().values():
             m.to(memory_format=torch.channels_last)
     step_fn = torch.compile(trainer.step) if t.compile else trainer.step
-    ema = AveragedModel(trainer.generator, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    ema = AveragedModel(trainer.generator, use_buffers=True)
     ema.module.eval()
+    update_ema = EmaUpdater(ema, t.ema_decay)
     if world.distributed:
         distributed.wrap_modules(trainer, rt.device)  # rank 0's initial weights go to every rank
         torch.manual_seed(t.seed + world.rank)  # each rank draws its own noise
@@ -175,10 +211,12 @@ def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) ->
                         x = x.contiguous(memory_format=torch.channels_last)
                     y = data.labels[idx] if labels_on and data.labels is not None else None
                     losses = step_fn(x, y, rt.autocast())
-                    ema.update_parameters(distributed.unwrap(trainer.generator))
+                    update_ema(distributed.unwrap(trainer.generator))
                     step += 1
                     if main and (step % t.log_every == 0 or step == total_steps):
                         values = {k: float(v) for k, v in losses.items()}
+                        # one family-neutral column for dvc plots: a GAN reports its players' sum
+                        values.setdefault("loss", sum(v for k, v in values.items() if k.startswith("loss_")))
                         values["img_per_s"] = (step - resumed_from) * batch * world.size / (time.perf_counter() - start)
                         metrics.add(step, values)
                         history.append({"step": step, "epoch": epoch + 1, **values})
@@ -191,12 +229,13 @@ def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) ->
                             "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
                 epoch_rng_state = data_rng.get_state()
                 if main:
-                    tracking.log_image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
+                    metrics.image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
+        if main:
+            metrics.flush()  # counted in the training time: the loop is done when its logs are sent
         seconds = time.perf_counter() - start
         distributed.barrier(world)
         if not main:
             return {"rank": world.rank, "steps": step, "seconds": round(seconds, 2)}
-        metrics.flush()
         _save_checkpoint(last, trainer, ema, {
             "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
         save_generator(ema.module, spec, ws.generator)
