@@ -11,9 +11,8 @@ from pathlib import Path
 TINY = [
     "collect.sources=[{uri: 'builtin:mnist', limit: 400}]",
     "validate.min_rows=50",
-    "model.dcgan.latent_dim=16",
-    "model.dcgan.g_width=8",
-    "model.dcgan.d_width=8",
+    "model.vae.latent_dim=8",
+    "model.vae.width=8",
     "train.epochs=1",
     "train.batch_size=32",
     "train.log_every=2",

@@ -96,7 +96,7 @@ def test_mlflow_server_has_the_runs_metrics_grid_and_champion(loop_output, works
     assert {"loop", "train", "evaluate", "register"} <= set(by_stage)
     train_run = by_stage["train"]
     assert train_run.data.tags["mlflow.parentRunId"] == by_stage["loop"].info.run_id
-    assert {"loss_d", "loss_g"} <= set(train_run.data.metrics)
+    assert {"loss", "img_per_s"} <= set(train_run.data.metrics)
     assert "fid" in by_stage["evaluate"].data.metrics
     grids = {a.path for a in client.list_artifacts(train_run.info.run_id, "samples")}
     assert "samples/final.png" in grids

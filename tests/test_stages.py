@@ -43,14 +43,14 @@ def test_train_writes_generator_reports_and_an_mlflow_run(pipeline):
     assert (spec.resolution, spec.channels) == (32, 1)
     assert spec.classes == [str(i) for i in range(10)]  # MNIST labels make it conditional
     curve = pd.read_csv(ws.reports / "train.csv")
-    assert {"step", "loss_d", "loss_g", "img_per_s"} <= set(curve.columns)
+    assert {"step", "loss", "img_per_s"} <= set(curve.columns)
     assert curve["step"].iloc[-1] == summary["steps"] > 0
     mlflow.set_tracking_uri(f"sqlite:///{ws.mlflow_db}")
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
     assert run.data.params["train.epochs"] == "1"
-    assert {"loss_d", "loss_g"} <= set(run.data.metrics)
-    assert len(client.get_metric_history(run.info.run_id, "loss_g")) == len(curve)
+    assert {"loss", "img_per_s"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == len(curve)
     assert run.data.tags["genloop.stage"] == "train"
     assert "genloop.data_version" in run.data.tags and "genloop.git_commit" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
