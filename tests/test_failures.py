@@ -15,8 +15,17 @@ from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
 pytestmark = pytest.mark.integration
 
 
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+def _failed_loop(ws: Path, env: dict[str, str]) -> tuple[str, str, float]:
+    """Run `genloop loop`, expecting it to fail with exactly one readable error line and no
+    traceback; returns (stderr, the error line, seconds until it gave up)."""
+    started = time.monotonic()
+    done = run_cli([str(BIN / "genloop"), "loop"], ws, env, timeout=300, ok=False)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return done.stderr, errors[0], seconds
 
 
 def test_a_wrong_s3_endpoint_fails_collect_clearly_and_leaves_no_dataset_version(tmp_path: Path):
@@ -24,15 +33,9 @@ def test_a_wrong_s3_endpoint_fails_collect_clearly_and_leaves_no_dataset_version
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = cli_env(ws, GENLOOP_S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    started = time.monotonic()
-    done = run_cli([str(BIN / "genloop"), "loop"], ws, env, timeout=300, ok=False)
-    seconds = time.monotonic() - started
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = _errors(done.stderr)
-    assert len(errors) == 1, done.stderr[-3000:]
-    assert endpoint in errors[0] and "GENLOOP_S3_ENDPOINT_URL" in errors[0] and "s3://images/icons" in errors[0]
-    assert "Retries are exhausted" in done.stderr  # Prefect retried the collect task, then gave up
-    assert "Traceback" not in done.stderr
+    stderr, error, seconds = _failed_loop(ws, env)
+    assert endpoint in error and "GENLOOP_S3_ENDPOINT_URL" in error and "s3://images/icons" in error
+    assert "Retries are exhausted" in stderr  # Prefect retried the collect task, then gave up
     assert not (ws / "data.dvc").exists()
     raw = ws / "data" / "raw"
     assert not raw.exists() or not any(p.is_file() for p in raw.rglob("*"))
@@ -43,13 +46,7 @@ def test_a_stopped_mlflow_server_fails_the_loop_clearly(tmp_path: Path):
     ws = make_workspace(tmp_path)
     tracking = f"http://127.0.0.1:{free_port()}"  # a server that is not running
     env = cli_env(ws, MLFLOW_TRACKING_URI=tracking, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
-    started = time.monotonic()
-    done = run_cli([str(BIN / "genloop"), "loop"], ws, env, timeout=300, ok=False)
-    seconds = time.monotonic() - started
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = _errors(done.stderr)
-    assert len(errors) == 1, done.stderr[-3000:]
-    assert tracking in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
-    assert "Traceback" not in done.stderr
+    _, error, seconds = _failed_loop(ws, env)
+    assert tracking in error and "MLFLOW_TRACKING_URI" in error
     assert not (ws / "models" / "generator.pt").exists()
     print(f"stopped MLflow server: failed after {seconds:.1f} s")
