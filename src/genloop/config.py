@@ -192,14 +192,36 @@ class EvaluateParams(_Section):
     extractor: Literal["auto", "inception", "domain"] = Field(
         "auto", description="auto: Inception when its weights are present locally, else domain"
     )
-    inception_weights: str | None = Field(None, description="local path of Inception weights")
+    inception_weights: str | None = Field(
+        None, description="local path of torch-fidelity's Inception weights (null: look in the torch hub cache)"
+    )
     extractor_epochs: int = Field(3, ge=1)
     kid_subset_size: int = Field(100, ge=2)
+    is_splits: int = Field(10, ge=1, description="Inception Score splits")
+    pr_neighbourhood: int = Field(3, ge=1, description="k of the k-NN manifolds of precision/recall")
+    memorisation_threshold: float = Field(
+        0.15, ge=0, description="a sample nearer than this (in novelty units) to a training image counts as memorised"
+    )
+
+
+class GateParams(_Section):
+    """When a challenger replaces the champion: better by more than the metric's noise."""
+
+    bootstrap: int = Field(200, ge=20, description="bootstrap resamples of the sample sets")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided level of the bootstrap interval")
+    min_improvement: float = Field(
+        0.0, ge=0, description="the interval of (champion - challenger) must lie above this margin"
+    )
+    max_memorised_share: float = Field(
+        0.05, ge=0, le=1, description="a challenger with more memorised samples than this is never promoted"
+    )
+    seed: int = 0
 
 
 class RegisterParams(_Section):
     model_name: str = Field("genloop-generator", min_length=1)
-    metric: Literal["fid", "kid_mean"] = "fid"
+    metric: Literal["fid", "kid_mean"] = Field("fid", description="the gate's metric (lower is better)")
+    gate: GateParams = Field(default_factory=GateParams)
 
 
 class GenerateParams(_Section):

@@ -1,119 +1,146 @@
-"""evaluate: FID and KID between generated and held-out real images, plus a memorisation
-check (distance of each sample to its nearest training image).
+"""evaluate: score models/generator.pt against the held-out real images.
 
-Metrics come from torchmetrics with the feature extractor named in the report; offline it
-is genloop's own in-domain extractor (see genloop.features). For scale, the report also
-gives the FID of real training images against the holdout (`fid_real_floor`): a perfect
-generator scores about that.
+Metrics: FID, KID (mean ± std), Inception Score (from the extractor's class logits) and
+precision/recall/density/coverage, all from the named feature extractor (see
+genloop.features and genloop.metrics). For scale, `fid_real_floor` is the FID of real
+training images against the holdout: a perfect generator scores about that.
+
+Memorisation: every sample's distance to its nearest training image, in novelty units
+(1.0 ~ as far as a fresh real image is), goes to reports/memorisation.csv; the share below
+`evaluate.memorisation_threshold` is in the report and the closest pairs are logged as a
+grid. Each evaluation also appends a row to reports/eval_history.csv, the metric curves
+across loop iterations (dvc plots, and `history_*` metrics of the MLflow run).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import pandas as pd
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from genloop import tracking
 from genloop.config import Params
-from genloop.dataset import load_split
-from genloop.features import (
-    DomainExtractor,
-    embed,
-    get_extractor,
-    nearest,
-    novelty_scale,
-    to_nchw_uint8,
-)
+from genloop.evaluation import GeneratorEval, evaluate_generator
+from genloop.features import get_extractor
 from genloop.grids import make_grid
 from genloop.models import load_generator, sample
 from genloop.provenance import data_version
+from genloop.reference import load_reference
 from genloop.storage import atomic_path, read_json, sha256_file, write_json_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+HISTORY_COLUMNS = ["iteration", "time", "data_version", "generator", "extractor", "fid", "kid_mean",
+                   "inception_score", "precision", "recall", "memorised_share"]
+HISTORY_METRICS = ("fid", "kid_mean", "inception_score", "precision", "recall", "memorised_share")
 
-def _batches(images: torch.Tensor, size: int = 500) -> list[torch.Tensor]:
-    return [images[i : i + size].float() / 255.0 for i in range(0, len(images), size)]
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def fid_kid(
-    extractor: DomainExtractor, real: torch.Tensor, fake: torch.Tensor, kid_subset: int, seed: int
-) -> dict[str, float]:
-    """FID and KID (mean, std) of uint8 NCHW image sets through `extractor`."""
-    torch.manual_seed(seed)  # KID draws random subsets
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    subset = max(2, min(kid_subset, len(real), len(fake)))
-    kid = KernelInceptionDistance(feature=extractor, normalize=True, subset_size=subset)
-    for b in _batches(real):
-        fid.update(b, real=True)
-        kid.update(b, real=True)
-    for b in _batches(fake):
-        fid.update(b, real=False)
-        kid.update(b, real=False)
-    kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+def _append_history(ws: Workspace, row: dict[str, Any]) -> pd.DataFrame:
+    """Add this evaluation to reports/eval_history.csv (replacing a re-evaluation of the same
+    generator on the same data) and return the whole history."""
+    path = ws.reports / "eval_history.csv"
+    history = pd.read_csv(path, dtype={"generator": str}) if path.exists() else pd.DataFrame(columns=HISTORY_COLUMNS)
+    same = (history["generator"] == row["generator"]) & (history["data_version"] == row["data_version"])
+    history = history[~same]
+    row["iteration"] = int(history["iteration"].max()) + 1 if len(history) else 0
+    history = pd.concat([history, pd.DataFrame([row], columns=HISTORY_COLUMNS)], ignore_index=True)
+    with atomic_path(path) as tmp:
+        history.to_csv(tmp, index=False)
+    return history
+
+
+def _memorisation_table(result: GeneratorEval, train_ids: list[str]) -> pd.DataFrame:
+    mem = result.memorisation
+    return pd.DataFrame({
+        "sample": range(len(mem.novelty)),
+        "seed": result.seed,
+        "novelty": mem.novelty.numpy().round(6),
+        "nearest_train_id": [train_ids[i] for i in mem.nearest_index.tolist()],
+        "memorised": mem.memorised.numpy(),
+    })
+
+
+def closest_pairs_grid(result: GeneratorEval, train_images: torch.Tensor, pairs: int = 8) -> Any:
+    """The samples nearest to a training image, each beside that training image."""
+    mem = result.memorisation
+    closest = torch.argsort(mem.novelty)[:pairs]
+    tiles = torch.stack([result.images[closest], train_images[mem.nearest_index[closest]]], dim=1).flatten(0, 1)
+    return make_grid(tiles.permute(0, 2, 3, 1).numpy(), columns=2, scale=3)
 
 
 def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     """Evaluate models/generator.pt against the holdout split; write reports/eval.json."""
     e = cfg.evaluate
     generator, spec = load_generator(ws.generator)
-    holdout = load_split(ws, "holdout", classes=spec.classes or None)
-    train_set = load_split(ws, "train", classes=spec.classes or None)
     extractor = get_extractor(cfg, ws)
-    fake = to_nchw_uint8(sample(generator, spec, e.n_samples, seed=e.seed))
-    real = holdout.images
-    metrics = fid_kid(extractor.module, real, fake, e.kid_subset_size, e.seed)
-    floor_n = min(len(train_set), max(len(real), e.n_samples))
-    floor = fid_kid(extractor.module, real, train_set.images[:floor_n], e.kid_subset_size, e.seed)
-
-    train_feats = embed(extractor.module, train_set.images)
-    scale = novelty_scale(embed(extractor.module, real), train_feats)
-    dist, idx = nearest(embed(extractor.module, fake), train_feats)
-    novelty = dist / scale
-    threshold = cfg.optimize.min_novelty
-    closest = torch.argsort(novelty)[:8]
-    pairs = torch.stack([fake[closest], train_set.images[idx[closest]]], dim=1).flatten(0, 1)
-    pair_grid = make_grid(pairs.permute(0, 2, 3, 1).numpy(), columns=2, scale=3)
-    sample_grid = make_grid(fake[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None, scale=2)
-
+    ref, train_set = load_reference(cfg, ws, extractor)
+    generator_sha = sha256_file(ws.generator)
+    started = time.perf_counter()
+    result = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), generator_sha,
+                                extractor, ref)
+    seconds = time.perf_counter() - started
+    mem = result.memorisation
+    memorisation = {
+        "novelty_unit": round(ref.novelty_unit, 6),
+        "threshold": e.memorisation_threshold,
+        "share_below_threshold": round(mem.share, 6),
+        "n_memorised": int(mem.memorised.sum()),
+        "median_novelty": round(float(mem.novelty.median()), 6),
+        "per_sample": "reports/memorisation.csv",
+    }
     report: dict[str, Any] = {
         "data_version": data_version(ws),
-        "generator_sha256": sha256_file(ws.generator),
+        "generator_sha256": generator_sha,
         "train_run_id": read_json(ws.report("train")).get("run_id") if ws.report("train").exists() else None,
         "extractor": extractor.describe(),
-        "n_real": len(real),
-        "n_fake": len(fake),
+        "reference": ref.describe(),
+        "n_real": len(ref.holdout),
+        "n_fake": len(result.features),
         "seed": e.seed,
-        **{k: round(v, 6) for k, v in metrics.items()},
-        "fid_real_floor": round(floor["fid"], 6),
-        "kid_real_floor": round(floor["kid_mean"], 6),
-        "memorisation": {
-            "novelty_unit": round(scale, 6),
-            "threshold": threshold,
-            "share_below_threshold": round(float((novelty < threshold).float().mean()), 6),
-            "median_novelty": round(float(novelty.median()), 6),
-        },
+        **_rounded(result.metrics),
+        "fid_real_floor": round(ref.floor["fid"], 6),
+        "kid_real_floor": round(ref.floor["kid_mean"], 6),
+        "memorisation": memorisation,
+        "seconds": round(seconds, 3),
     }
+    table = _memorisation_table(result, ref.train_ids)
+    with atomic_path(ws.reports / "memorisation.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    history = _append_history(ws, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data_version": report["data_version"],
+        "generator": generator_sha[:12], "extractor": f"{extractor.kind}:{extractor.fingerprint}",
+        **{k: (mem.share if k == "memorised_share" else result.metrics.get(k)) for k in HISTORY_METRICS},
+    })
+    sample_grid = make_grid(result.images[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None, scale=2)
+    pair_grid = closest_pairs_grid(result, train_set.images)
     with tracking.stage_run(ws, cfg, "evaluate") as run:
-        tracking.log_metrics({
-            "fid": metrics["fid"], "kid_mean": metrics["kid_mean"], "kid_std": metrics["kid_std"],
-            "fid_real_floor": floor["fid"],
-            "memorised_share": report["memorisation"]["share_below_threshold"],
-        })
-        tracking.tag_run({"genloop.extractor": extractor.kind})
+        tracking.log_metrics({k: v for k, v in result.metrics.items() if v is not None} | {
+            "fid_real_floor": ref.floor["fid"], "memorised_share": mem.share, "eval_seconds": seconds})
+        for _, row in history.iterrows():  # the curves across loop iterations, in one run
+            tracking.log_metrics({f"history_{k}": row[k] for k in HISTORY_METRICS if pd.notna(row[k])},
+                                 step=int(row["iteration"]))
+        tracking.tag_run({"genloop.extractor": extractor.kind, "genloop.extractor_fingerprint": extractor.fingerprint,
+                          "genloop.reference_key": ref.key})
         tracking.log_image(sample_grid, "eval/samples.png")
         tracking.log_image(pair_grid, "eval/closest_to_training.png")
+        tracking.log_artifact(ws.reports / "memorisation.csv", "eval")
         tracking.log_json(report, "eval/eval.json")
         report["run_id"] = run.info.run_id
     with atomic_path(ws.reports / "eval_samples.png") as tmp:
         sample_grid.save(tmp, format="PNG")
     write_json_atomic(ws.report("eval"), report)
-    log.info("evaluate: FID %.3f (floor %.3f), KID %.4f±%.4f with %s",
-             metrics["fid"], floor["fid"], metrics["kid_mean"], metrics["kid_std"], extractor.kind)
-    return {k: report[k] for k in ("fid", "kid_mean", "kid_std", "fid_real_floor", "n_real", "n_fake")} | {
-        "extractor": extractor.kind}
+    log.info("evaluate: FID %.3f (floor %.3f), KID %.4f±%.4f, precision %.3f, recall %.3f, memorised %.1f%% with %s",
+             result.metrics["fid"], ref.floor["fid"], result.metrics["kid_mean"], result.metrics["kid_std"],
+             result.metrics["precision"], result.metrics["recall"], 100 * mem.share, extractor.kind)
+    keys = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "fid_real_floor", "n_real",
+            "n_fake")
+    return {k: report[k] for k in keys} | {"memorised_share": memorisation["share_below_threshold"],
+                                          "extractor": extractor.kind}

@@ -1,9 +1,12 @@
 """Feature extractors for evaluation and curation, and nearest-neighbour distances.
 
-Standard Inception features need weights on disk (and torch-fidelity); offline, genloop
-trains its own in-domain extractor on the clean train split: a small CNN classifier when
-every image has a label, else a convolutional autoencoder. It is cached by data version,
-so statistics from one data version are never reused for another.
+Standard Inception features (torchmetrics' port of torch-fidelity's InceptionV3) are used
+when their weights are on disk (`evaluate.inception_weights`, or torch-fidelity's file in
+the torch hub cache) and torch-fidelity is installed. Otherwise genloop trains its own
+in-domain extractor on the clean train split: a small CNN classifier when every image has a
+label, else a convolutional autoencoder. It is cached by data version, so statistics from
+one data version are never reused for another. Every extractor has a `fingerprint` (the
+hash of its weights) that keys cached statistics.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from genloop.dataset import ImageSet, load_split, to_unit
 from genloop.errors import ConfigError
 from genloop.progress import Progress
 from genloop.provenance import data_version
-from genloop.storage import atomic_path, sha256_bytes, write_text_atomic
+from genloop.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,11 @@ class DomainExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and, for the classifier, its class logits (for the Inception Score)."""
+        h = self.features(x)
+        return h, (self.head(h) if self.num_classes else None)
+
     @torch.no_grad()
     def realism(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image score in [0, 1]: classifier confidence, or reconstruction quality."""
@@ -83,19 +91,50 @@ class DomainExtractor(nn.Module):
         return torch.exp(-err / 0.05)
 
 
+class InceptionExtractor(nn.Module):
+    """Standard FID Inception (2048-d pool features, 1008 logits) from local weights."""
+
+    num_features = 2048
+    num_classes = 1008
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(weights),
+        )
+
+    @staticmethod
+    def _prep(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feats, logits = self.net._torch_fidelity_forward(self._prep(x))  # one pass, both outputs
+        return feats.reshape(len(x), -1), logits.reshape(len(x), -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(x)[0]
+
+
 @dataclass(frozen=True)
 class Extractor:
-    module: DomainExtractor
-    kind: str  # "domain-classifier" | "domain-autoencoder"
+    module: DomainExtractor | InceptionExtractor
+    kind: str  # "inception-v3" | "domain-classifier" | "domain-autoencoder"
     path: Path
     data_version: str
     accuracy: float | None
     reason: str  # why this extractor was chosen
+    fingerprint: str  # sha256 of the weights: part of every statistics cache key
 
     def describe(self) -> dict[str, object]:
         return {
             "name": self.kind,
             "path": str(self.path),
+            "fingerprint": self.fingerprint,
             "data_version": self.data_version,
             "train_accuracy": self.accuracy,
             "features": self.module.num_features,
@@ -103,13 +142,21 @@ class Extractor:
         }
 
 
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
+
+
+def inception_weights_path(cfg: Params) -> Path:
+    """Where Inception weights are looked for: evaluate.inception_weights, else the torch hub cache."""
+    if cfg.evaluate.inception_weights:
+        return Path(cfg.evaluate.inception_weights).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
 def _inception_unavailable(cfg: Params) -> str | None:
     """Why standard Inception features cannot be used here (None when they can)."""
-    weights = cfg.evaluate.inception_weights
-    if not weights:
-        return "no local Inception weights configured (evaluate.inception_weights)"
-    if not Path(weights).expanduser().exists():
-        return f"Inception weights not found at {weights}"
+    weights = inception_weights_path(cfg)
+    if not weights.is_file():
+        return f"no Inception weights at {weights} (set evaluate.inception_weights to a local copy)"
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
@@ -145,25 +192,19 @@ def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> flo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                bar.advance(loss=float(loss))
+                bar.advance(loss=loss.item())
     module.eval()
     return correct / seen if seen else None
 
 
-def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
+def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extractor=domain") -> Extractor:
     """The in-domain extractor for the current data version: loaded if cached, else trained."""
-    reason = _inception_unavailable(cfg)
-    if cfg.evaluate.extractor == "inception":
-        raise ConfigError(
-            f"evaluate.extractor=inception but {reason or 'Inception is not wired in'}; "
-            "use evaluate.extractor=auto to fall back to the in-domain extractor"
-        )
-    why = "evaluate.extractor=domain" if cfg.evaluate.extractor == "domain" else f"auto: {reason}"
     version = data_version(ws)
     data = load_split(ws, "train")
     channels = data.images.shape[1]
     key = sha256_bytes(
-        f"{version}|{cfg.data.resolution}|{cfg.data.mode}|{cfg.evaluate.extractor_epochs}|{data.classes}".encode()
+        f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{cfg.data.mode}|"
+        f"{cfg.evaluate.extractor_epochs}|{data.classes}".encode()
     )[:16]
     path = ws.cache / "extractors" / f"{key}.pt"
     module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
@@ -180,13 +221,46 @@ def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
             torch.save(module.state_dict(), tmp)
         write_text_atomic(meta_path, json.dumps({"kind": kind, "data_version": version,
                                                  "train_accuracy": accuracy}))
-    return Extractor(module, kind, path, version, accuracy, why)
+    return Extractor(module, kind, path, version, accuracy, reason, sha256_file(path)[:16])
+
+
+def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
+    """The evaluation extractor: Inception when allowed and its weights are local, else in-domain."""
+    choice = cfg.evaluate.extractor
+    if choice == "domain":
+        return domain_extractor(cfg, ws)
+    unavailable = _inception_unavailable(cfg)
+    if unavailable is None:
+        path = inception_weights_path(cfg)
+        module = InceptionExtractor(path)
+        reason = f"evaluate.extractor={choice}: standard Inception weights found at {path}"
+        return Extractor(module, "inception-v3", path, data_version(ws), None, reason, sha256_file(path)[:16])
+    if choice == "inception":
+        raise ConfigError(
+            f"evaluate.extractor=inception but {unavailable}; "
+            "use evaluate.extractor=auto to fall back to the in-domain extractor"
+        )
+    return domain_extractor(cfg, ws, reason=f"auto: {unavailable}")
 
 
 @torch.no_grad()
-def embed(module: DomainExtractor, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+def embed(module: nn.Module, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """Features of uint8 NCHW images."""
-    return torch.cat([module(images[i : i + batch].float() / 255.0) for i in range(0, len(images), batch)])
+    return embed_with_logits(module, images, batch)[0]
+
+
+@torch.no_grad()
+def embed_with_logits(
+    module: nn.Module, images: torch.Tensor, batch: int = 512
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features of uint8 NCHW images and the extractor's class logits (None without a classifier)."""
+    feats, logits = [], []
+    for i in range(0, len(images), batch):
+        f, lg = module.features_and_logits(images[i : i + batch].float() / 255.0)
+        feats.append(f.float())
+        if lg is not None:
+            logits.append(lg.float())
+    return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
 @torch.no_grad()
@@ -213,5 +287,5 @@ def to_nchw_uint8(nhwc: torch.Tensor | object) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-__all__ = ["Extractor", "DomainExtractor", "get_extractor", "embed", "nearest", "novelty_scale",
-           "to_nchw_uint8", "to_unit"]
+__all__ = ["Extractor", "DomainExtractor", "InceptionExtractor", "get_extractor", "domain_extractor", "embed",
+           "embed_with_logits", "nearest", "novelty_scale", "to_nchw_uint8", "to_unit"]

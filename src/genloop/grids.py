@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,24 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2, scal
     if scale > 1:
         out = out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST)
     return out
+
+
+def side_by_side(
+    left: Any, right: Any, columns: int, captions: tuple[str, str], scale: int = 2
+) -> Image.Image:
+    """Two uint8 NCHW image sets as grids next to each other, each under its caption
+    (e.g. champion vs challenger drawn from the same seeds: image i of each is a pair)."""
+    from PIL import ImageDraw
+
+    grids = [make_grid(x.permute(0, 2, 3, 1).numpy(), columns=columns, scale=scale).convert("RGB")
+             for x in (left, right)]
+    gap, header = 16, 14
+    sheet = Image.new("RGB", (grids[0].width + gap + grids[1].width, header + max(g.height for g in grids)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, grid, caption in ((0, grids[0], captions[0]), (grids[0].width + gap, grids[1], captions[1])):
+        sheet.paste(grid, (x, header))
+        draw.text((x + 2, 1), caption, fill="black")
+    return sheet
 
 
 def png_bytes(img: Image.Image) -> bytes:

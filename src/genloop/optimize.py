@@ -23,7 +23,7 @@ from genloop import tracking
 from genloop.config import Params
 from genloop.dataset import load_split
 from genloop.errors import StageInputMissing
-from genloop.features import embed, get_extractor, nearest, novelty_scale
+from genloop.features import domain_extractor, embed, nearest, novelty_scale
 from genloop.grids import make_grid
 from genloop.storage import atomic_dir, join_s3_uri, read_json, upload_dir, write_json_atomic
 from genloop.workspace import Workspace
@@ -48,7 +48,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     arrays = [np.asarray(Image.open(src / f)) for f in batch["file"]]
     images = torch.from_numpy(np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]))
 
-    extractor = get_extractor(cfg, ws)
+    extractor = domain_extractor(cfg, ws, reason="optimize scores realism with the in-domain extractor")
     train_set = load_split(ws, "train")
     train_feats = embed(extractor.module, train_set.images)
     scale = novelty_scale(embed(extractor.module, load_split(ws, "holdout").images), train_feats)
