@@ -202,6 +202,43 @@ def services_status(
     typer.echo(services.as_json(state) if as_json else services.describe(state))
 
 
+@app.command("rollback")
+def rollback_champion(
+    to: Annotated[str | None, typer.Option(
+        "--to", help="version to make champion (default: the previous champion).")] = None,
+    reason: Annotated[str, typer.Option(
+        "--reason", "-r", help="why; recorded as a tag with who and when.")] = "manual rollback",
+    force: Annotated[bool, typer.Option(
+        "--force", help="allow a version that never passed the promotion gate.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = Path("."),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Move the `champion` alias back to the previous champion (or --to VERSION).
+
+    Who, when and why are recorded as tags of both versions and in the model's champion
+    history; a version that never passed the gate is refused unless --force.
+    """
+    from genloop import logs, registry, tracking
+    from genloop.config import load_params
+    from genloop.errors import GenloopError
+    from genloop.storage import write_json_atomic
+    from genloop.workspace import Workspace
+
+    logs.setup(verbose)
+    try:
+        cfg = load_params(params, set_ or [])
+        ws = Workspace.at(workspace)
+        tracking.configure(ws, cfg)
+        summary = registry.rollback(cfg.register_.model_name, to=to, reason=reason, force=force)
+    except GenloopError as exc:
+        _fail(str(exc))
+        return
+    write_json_atomic(ws.report("rollback"), summary)
+    typer.echo(json.dumps(summary, indent=2))
+
+
 @app.command("params")
 def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Print the resolved, validated params (a dry run: nothing else happens)."""

@@ -1,8 +1,11 @@
-"""register: log the trained generator as an MLflow pyfunc model and move the aliases.
+"""register: log the trained generator as an MLflow pyfunc model and let the gate decide.
 
-The new version always gets alias `challenger`; it becomes `champion` when there is no
-champion yet or when its metric (FID by default, lower is better) beats the champion's.
-The previous champion keeps a `previous-champion` alias so the history can be audited.
+The new version always gets alias `challenger`. It becomes `champion` only when the
+promotion gate passes (genloop.gate): no memorised training images beyond the limit, and
+better than the current champion by more than the metric's bootstrap noise, both scored
+with the same extractor, samples and seeds. The decision, its numbers and reason go to
+reports/gate.json, the version's tags and the register run; the replaced champion keeps
+the `previous-champion` alias and the champion history is kept as a registered-model tag.
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from genloop import tracking
+from genloop import gate as gate_mod
+from genloop import registry, tracking
 from genloop.config import Params
 from genloop.errors import StageInputMissing
-from genloop.models import GeneratorSpec
+from genloop.evaluation import evaluate_generator
+from genloop.features import get_extractor
+from genloop.gate import WEIGHTS_TAG
+from genloop.grids import side_by_side
+from genloop.models import GeneratorSpec, load_generator, sample
 from genloop.provenance import data_version, git_commit
+from genloop.reference import load_reference
 from genloop.storage import read_json, sha256_file, write_json_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_generator.py")
-WEIGHTS_TAG = "genloop.generator_sha256"
+TAGGED_METRICS = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall")
 
 
 def _signature(spec: GeneratorSpec) -> Any:
@@ -35,15 +44,6 @@ def _signature(spec: GeneratorSpec) -> Any:
                     + ([ColSpec("string", "label", required=False)] if spec.classes else []))
     outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, spec.resolution, spec.resolution, spec.channels))])
     return ModelSignature(inputs=inputs, outputs=outputs)
-
-
-def decide(challenger: float, champion: float | None) -> tuple[bool, str]:
-    """Lower-is-better promotion rule: promote when there is no champion or it is beaten."""
-    if champion is None:
-        return True, "no champion yet"
-    if challenger < champion:
-        return True, f"challenger {challenger:.4f} < champion {champion:.4f}"
-    return False, f"challenger {challenger:.4f} >= champion {champion:.4f}"
 
 
 def _already_registered(ws: Workspace, name: str, version: str, metric: str, score: float) -> dict[str, Any]:
@@ -66,8 +66,34 @@ def _already_registered(ws: Workspace, name: str, version: str, metric: str, sco
         "reused": True,
     }
     write_json_atomic(ws.report("register"), summary)
+    write_json_atomic(ws.report("gate"), {"passed": None, "reason": summary["reason"], "version": version})
     log.info("register: %s version %s holds these weights already; nothing registered", name, version)
     return summary
+
+
+def _run_gate(cfg: Params, ws: Workspace, name: str) -> tuple[dict[str, Any], Any | None]:
+    """Score the challenger and the champion on equal terms and decide; returns the gate
+    report and the champion-vs-challenger grid (None without a champion)."""
+    extractor = get_extractor(cfg, ws)
+    ref, _ = load_reference(cfg, ws, extractor)
+    generator, spec = load_generator(ws.generator)
+    challenger = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed),
+                                    sha256_file(ws.generator), extractor, ref)
+    champion_version = registry.champion_version(name)
+    champion = how = comparison = grid = None
+    if champion_version is not None:
+        champion, how = gate_mod.evaluate_champion(cfg, ws, name, champion_version, extractor, ref)
+        g = cfg.register_.gate
+        comparison = gate_mod.paired_bootstrap(
+            cfg.register_.metric, ref.holdout, challenger.features, champion.features, resamples=g.bootstrap,
+            confidence=g.confidence, seed=g.seed, kid_subset=cfg.evaluate.kid_subset_size)
+        grid = side_by_side(champion.images[:40], challenger.images[:40], columns=spec.num_classes or 8,
+                            captions=(f"champion v{champion_version}", "challenger"))
+    passed, reason = gate_mod.decide(cfg, challenger, comparison)
+    report = gate_mod.gate_report(cfg, challenger, champion, champion_version, how, comparison, passed, reason,
+                                  extractor, ref)
+    log.info("gate: %s (%s)", "passed" if passed else "not passed", reason)
+    return report, grid
 
 
 def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
@@ -91,6 +117,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     existing = tracking.find_version(name, WEIGHTS_TAG, evaluation["generator_sha256"])
     if existing is not None:
         return _already_registered(ws, name, str(existing.version), metric, score)
+    gate, comparison_grid = _run_gate(cfg, ws, name)
+    promote = gate["passed"]
     with tracking.stage_run(ws, cfg, "register") as run:
         info = mlflow.pyfunc.log_model(
             name="generator",
@@ -102,12 +130,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             pip_requirements=[f"genloop=={__import__('genloop').__version__}", "torch", "numpy", "pandas"],
         )
         version = str(info.registered_model_version)
-        champion = tracking.get_alias_version(name, "champion")
-        champ_score = None
-        if champion is not None and str(champion.version) != version:
-            champ_tags = tracking.version_tags(name, champion.version)
-            champ_score = float(champ_tags[metric]) if metric in champ_tags else None
-        promote, reason = decide(score, champ_score)
+        gate["challenger"]["version"] = version
+        comparison = gate["comparison"] or {}
         tags = {
             "genloop.data_version": data_version(ws),
             "genloop.git_commit": git_commit(ws.root),
@@ -115,20 +139,28 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             "genloop.extractor": evaluation["extractor"]["name"],
             "genloop.train_run_id": evaluation.get("train_run_id"),
             "genloop.eval_run_id": evaluation.get("run_id"),
-            "fid": evaluation["fid"],
-            "kid_mean": evaluation["kid_mean"],
-            "kid_std": evaluation["kid_std"],
+            **{k: evaluation[k] for k in TAGGED_METRICS if evaluation.get(k) is not None},
+            "memorised_share": evaluation["memorisation"]["share_below_threshold"],
             "genloop.promoted": promote,
-            "genloop.decision": reason,
+            "genloop.decision": gate["reason"],
+            registry.PASSED_TAG: promote,
+            "genloop.gate.reason": gate["reason"][:4000],
+            "genloop.gate.champion_version": (gate["champion"] or {}).get("version"),
+            **{f"genloop.gate.{k}": round(comparison[k], 6) for k in ("delta", "delta_low", "delta_high")
+               if k in comparison},
         }
         tracking.tag_version(name, version, tags)
         tracking.set_alias(name, "challenger", version)
         if promote:
-            if champion is not None and str(champion.version) != version:
-                tracking.set_alias(name, "previous-champion", champion.version)
-            tracking.set_alias(name, "champion", version)
+            registry.promote(name, version, gate["reason"])
         tracking.tag_run({"genloop.model_version": version, "genloop.promoted": promote})
-        tracking.log_metrics({metric: score})
+        tracking.log_metrics({metric: score} | {f"gate_{k}": comparison[k] for k in ("delta", "delta_low", "delta_high")
+                                                if k in comparison})
+        tracking.log_json(gate, "gate/gate.json")
+        if comparison_grid is not None:
+            tracking.log_image(comparison_grid, "gate/champion_vs_challenger.png")
+            if evaluation.get("run_id"):  # and beside the challenger's own evaluation
+                tracking.log_image_to_run(evaluation["run_id"], comparison_grid, "eval/champion_vs_challenger.png")
         run_id = run.info.run_id
     champ_now = tracking.get_alias_version(name, "champion")
     summary = {
@@ -138,14 +170,17 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "champion_version": str(champ_now.version) if champ_now else None,
         "champion_uri": f"models:/{name}@champion",
         "promoted": promote,
-        "reason": reason,
+        "reason": gate["reason"],
         "metric": metric,
         "score": score,
-        "champion_score_before": champ_score,
+        "champion_version_before": (gate["champion"] or {}).get("version"),
+        "champion_score_before": (gate["champion"] or {}).get("score"),
         "run_id": run_id,
         "tracking_uri": tracking.tracking_uri(ws),
         "reused": False,
     }
+    write_json_atomic(ws.report("gate"), gate)
     write_json_atomic(ws.report("register"), summary)
-    log.info("register: %s version %s (%s; %s)", name, version, "champion" if promote else "challenger", reason)
+    log.info("register: %s version %s (%s; %s)", name, version, "champion" if promote else "challenger",
+             gate["reason"])
     return summary

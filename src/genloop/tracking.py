@@ -249,7 +249,8 @@ def tag_version(name: str, version: str | int, tags: dict[str, Any]) -> None:
 
     client = MlflowClient()
     for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, str(v))
+        if v is not None:
+            client.set_model_version_tag(name, str(version), k, str(v))
 
 
 def version_tags(name: str, version: str | int) -> dict[str, str]:
@@ -268,3 +269,58 @@ def log_metrics(values: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+
+def log_image_to_run(run_id: str, image: Any, artifact_file: str) -> None:
+    """Add a picture to a run that has ended (e.g. a comparison grid to an evaluation run)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().log_image(run_id, image, artifact_file)
+
+
+def load_model(name: str, version: str | int) -> Any:
+    """A registered model version as a pyfunc model."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+
+def get_version(name: str, version: str | int) -> Any | None:
+    """A model version, or None when it does not exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_model_version(name, str(version))
+    except MlflowException:
+        return None
+
+
+def version_numbers(name: str) -> list[int]:
+    """Every version number of model `name`, oldest first."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+def delete_alias(name: str, alias: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().delete_registered_model_alias(name, alias)
+
+
+def model_tags(name: str) -> dict[str, str]:
+    """Tags of the registered model itself (not of a version)."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient().get_registered_model(name).tags)
+
+
+def tag_model(name: str, key: str, value: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_tag(name, key, value)
