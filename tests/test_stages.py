@@ -77,6 +77,35 @@ def test_evaluate_names_its_extractor_and_sample_counts(pipeline):
     # one epoch of a tiny GAN is far from the data; real training images are close to it
     assert report["fid"] > report["fid_real_floor"] >= 0
     assert 0 <= report["memorisation"]["share_below_threshold"] <= 1
+    assert report["inception_score"] >= 1 and 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
+    assert report["kid_std"] >= 0 and report["reference"]["key"]
+    per_sample = pd.read_csv(ws.reports / "memorisation.csv")
+    assert len(per_sample) == cfg.evaluate.n_samples
+    assert per_sample["nearest_train_id"].isin(read_manifest(ws.manifest)["id"]).all()
+    history = pd.read_csv(ws.reports / "eval_history.csv")
+    assert history["fid"].iloc[-1] == pytest.approx(report["fid"])
+
+
+def test_evaluation_history_grows_per_generator_and_reaches_mlflow(pipeline):
+    ws, cfg, _ = pipeline
+    before = pd.read_csv(ws.reports / "eval_history.csv")
+    gen, spec = load_generator(ws.generator)
+    saved = ws.generator.read_bytes()
+    try:
+        with torch.no_grad():
+            next(gen.parameters()).mul_(0.9)  # another generator
+        from genloop.models import save_generator
+
+        save_generator(gen, spec, ws.generator)
+        out = evaluate.run(cfg, ws)
+    finally:
+        ws.generator.write_bytes(saved)
+    after = pd.read_csv(ws.reports / "eval_history.csv")
+    assert len(after) == len(before) + 1 and after["iteration"].tolist() == list(range(len(after)))
+    run_id = json.loads(ws.report("eval").read_text())["run_id"]
+    curve = MlflowClient().get_metric_history(run_id, "history_fid")
+    assert [m.step for m in curve] == after["iteration"].tolist()
+    assert curve[-1].value == pytest.approx(out["fid"], rel=1e-4)
 
 
 def test_register_makes_a_pyfunc_champion_that_generates_images(pipeline):
@@ -123,6 +152,10 @@ def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path)
         save_generator(gen, spec, ws.generator)
         worse = evaluate.run(cfg, ws)
         assert worse["fid"] > results["evaluate"]["fid"]
+
+        def worse_report() -> dict:
+            return json.loads(ws.report("eval").read_text())
+
         client = MlflowClient()
         name = cfg.register_.model_name
         champion_before = str(client.get_model_version_by_alias(name, "champion").version)
@@ -131,7 +164,18 @@ def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path)
         assert reg["version"] == str(newest + 1) and not reg["promoted"]
         assert reg["champion_version"] == champion_before
         assert str(client.get_model_version_by_alias(name, "challenger").version) == reg["version"]
-        assert client.get_model_version(name, reg["version"]).tags["genloop.promoted"] == "False"
+        tags = client.get_model_version(name, reg["version"]).tags
+        assert tags["genloop.promoted"] == "False" and tags["genloop.gate.passed"] == "False"
+        gate = json.loads(ws.report("gate").read_text())
+        assert gate["passed"] is False and gate["reason"] == reg["reason"] == tags["genloop.gate.reason"]
+        assert gate["champion"]["version"] == champion_before
+        assert gate["comparison"]["delta"] < 0 and gate["comparison"]["delta_low"] < 0
+        assert gate["settings"]["n_samples"] == cfg.evaluate.n_samples and gate["settings"]["seed"] == cfg.evaluate.seed
+        # the champion-vs-challenger grid (same seeds) is in the register run and the evaluation run
+        run_files = {a.path for a in client.list_artifacts(reg["run_id"], "gate")}
+        assert {"gate/gate.json", "gate/champion_vs_challenger.png"} <= run_files
+        eval_files = {a.path for a in client.list_artifacts(worse_report()["run_id"], "eval")}
+        assert "eval/champion_vs_challenger.png" in eval_files
     finally:
         ws.generator.write_bytes(saved)
 

@@ -1,0 +1,211 @@
+"""Evaluation you can trust: metrics on controlled inputs, the reference-statistics cache,
+memorisation detection, the noise-aware gate and rollback of the champion alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from genloop import clean, collect, registry, tracking
+from genloop.config import load_params
+from genloop.dataset import load_split
+from genloop.errors import GenloopError
+from genloop.evaluation import GeneratorEval
+from genloop.features import embed, embed_with_logits, get_extractor
+from genloop.gate import decide, paired_bootstrap
+from genloop.metrics import memorisation, suite
+from genloop.reference import load_reference
+from genloop.workspace import Workspace
+from tests.helpers import BIN, ROOT, cli_env, run_cli
+
+SETTINGS = [
+    "collect.sources=[{uri: 'builtin:mnist', limit: 1200}]",
+    "collect.dvc_add=false",
+    "data.holdout_fraction=0.3",
+    "evaluate.extractor_epochs=8",
+    "evaluate.n_samples=300",
+    "evaluate.kid_subset_size=50",
+]
+
+
+@pytest.fixture(scope="module")
+def data_ws(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A workspace with 1,200 real digits collected and cleaned, and its trained extractor."""
+    ws = Workspace.at(tmp_path_factory.mktemp("evalws"))
+    cfg = load_params(None, SETTINGS)
+    collect.run(cfg, ws)
+    clean.run(cfg, ws)
+    return ws, cfg, get_extractor(cfg, ws)
+
+
+def _scores(cfg, real, fake_images, extractor):
+    feats, logits = embed_with_logits(extractor.module, fake_images)
+    return suite(real, feats, logits, kid_subset_size=50, is_splits=5, pr_neighbourhood=3, seed=0)
+
+
+def test_metrics_rank_real_above_shifted_above_noise(data_ws):
+    ws, cfg, extractor = data_ws
+    holdout = load_split(ws, "holdout").images
+    train = load_split(ws, "train").images
+    real = embed(extractor.module, holdout)
+    n = len(holdout)
+    other_real = train[:n]
+    shifted = torch.roll(other_real, shifts=(5, 5), dims=(2, 3))  # digits pushed off-centre
+    noise = torch.randint(0, 256, other_real.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    s_real, s_shift, s_noise = (_scores(cfg, real, x, extractor) for x in (other_real, shifted, noise))
+    assert s_real["fid"] < s_shift["fid"] < s_noise["fid"]
+    assert s_real["fid"] * 10 < s_noise["fid"]
+    assert s_real["kid_mean"] < s_shift["kid_mean"] < s_noise["kid_mean"]
+    assert s_real["precision"] > 0.5 and s_real["recall"] > 0.5
+    # noise covers none of the real digits; precision alone can be fooled by a real outlier
+    # whose k-NN ball swallows the noise cluster, which is why density/coverage are reported too
+    assert s_noise["recall"] < 0.05 and s_noise["coverage"] < 0.05
+    assert s_real["precision"] > s_shift["precision"] and s_real["precision"] > s_noise["precision"]
+    assert s_real["coverage"] > s_shift["coverage"] > s_noise["coverage"]
+    # the classifier is confident and spreads its classes over real digits only
+    assert s_real["inception_score"] > s_shift["inception_score"] > s_noise["inception_score"]
+    assert s_real["inception_score"] > 4 and s_noise["inception_score"] < 2
+
+
+def test_reference_statistics_are_cached_by_data_version_not_by_path(data_ws, tmp_path):
+    ws, cfg, extractor = data_ws
+    first, _ = load_reference(cfg, ws, extractor)
+    again, _ = load_reference(cfg, ws, extractor)
+    assert again.cached and again.key == first.key
+    assert torch.equal(again.holdout, first.holdout)
+    # the same data somewhere else: the same key, a hit (the key names content, not paths)
+    moved = Workspace.at(tmp_path / "moved")
+    shutil.copytree(ws.root, moved.root)
+    elsewhere, _ = load_reference(cfg, moved, extractor)
+    assert elsewhere.cached and elsewhere.key == first.key
+    # a new data version (data.dvc records another md5): a miss, a new key
+    moved.data_dvc.write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data/raw\n")
+    new_version, _ = load_reference(cfg, moved, extractor)
+    assert not new_version.cached and new_version.key != first.key
+    # and a different sample count is another entry too
+    bigger, _ = load_reference(load_params(None, [*SETTINGS, "evaluate.n_samples=500"]), moved, extractor)
+    assert not bigger.cached and bigger.key != new_version.key
+
+
+def test_memorisation_flags_copied_training_images(data_ws):
+    ws, cfg, extractor = data_ws
+    ref, train_set = load_reference(cfg, ws, extractor)
+    holdout = load_split(ws, "holdout").images
+    copies = train_set.images[:30]
+    fake = torch.cat([copies, holdout[:120]])  # 30 copies among 150 samples = 20%
+    mem = memorisation(embed(extractor.module, fake), ref.train, ref.novelty_unit, 0.15)
+    assert mem.memorised[:30].all()
+    assert mem.nearest_index[:30].tolist() == list(range(30))  # each copy found its original
+    assert 0.2 <= mem.share < 0.3  # fresh real digits are (almost) never flagged
+    # and the gate refuses such a challenger even with no champion to beat
+    fake_eval = GeneratorEval("x", fake, embed(extractor.module, fake), None, {}, mem, 0, cached=False)
+    passed, reason = decide(cfg, fake_eval, None)
+    assert not passed and "memorisation" in reason and "20.0%" in reason
+
+
+def _gaussians(shift: float, n: int = 400, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def _eval(features: torch.Tensor) -> GeneratorEval:
+    mem = memorisation(features, _gaussians(0.0, seed=99), 1.0, 0.0)  # threshold 0: nothing memorised
+    return GeneratorEval("x", torch.zeros(0), features, None, {}, mem, 0, cached=False)
+
+
+@pytest.mark.parametrize(("challenger_shift", "promoted"), [(0.05, True), (0.6, False), (0.5, False)])
+def test_gate_promotes_only_a_clear_improvement(challenger_shift, promoted):
+    cfg = load_params(None, ["register.gate.bootstrap=60"])
+    real, champion = _gaussians(0.0, seed=1), _gaussians(0.5, seed=2)
+    # the same noise moved by another shift: a paired sample set, like two models fed the same seeds
+    challenger = _gaussians(challenger_shift, seed=2)
+    comparison = paired_bootstrap("fid", real, challenger, champion, resamples=60, confidence=0.95, seed=0)
+    passed, reason = decide(cfg, _eval(challenger), comparison)
+    assert passed is promoted, reason
+    if challenger_shift == 0.5:  # identical to the champion: no improvement, and the interval holds 0
+        assert comparison.delta == pytest.approx(0.0, abs=1e-9)
+        assert comparison.delta_low <= 0 <= comparison.delta_high
+
+
+def test_gate_keeps_a_margin_for_noise():
+    """A small real improvement, inside a margin the user asked for, is not enough."""
+    real, champion = _gaussians(0.0, seed=1), _gaussians(0.3, seed=2)
+    challenger = _gaussians(0.25, seed=2)
+    comparison = paired_bootstrap("fid", real, challenger, champion, resamples=60, confidence=0.95, seed=0)
+    assert comparison.delta > 0
+    no_margin = load_params(None, [])
+    assert decide(no_margin, _eval(challenger), comparison)[0] is (comparison.delta_low > 0)
+    margin = load_params(None, [f"register.gate.min_improvement={comparison.delta_high + 0.01}"])
+    passed, reason = decide(margin, _eval(challenger), comparison)
+    assert not passed and "within the noise" in reason
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str:
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+@pytest.fixture
+def registry_with_history(tmp_path, monkeypatch):
+    """A real MLflow registry (sqlite) with three versions: v1 and v2 passed the gate, v3 did not."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient()
+    name = "gen"
+    client.create_registered_model(name)
+    for v, passed in ((1, True), (2, True), (3, False)):
+        client.create_model_version(name, source=str(tmp_path / f"model{v}"))
+        tracking.tag_version(name, v, {registry.PASSED_TAG: passed, "genloop.gate.reason": f"decision {v}"})
+        tracking.set_alias(name, "challenger", v)
+        if passed:
+            registry.promote(name, str(v), f"gate passed for v{v}")
+    yield name, client, uri
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def test_rollback_moves_champion_back_and_records_who_when_why(registry_with_history):
+    name, client, _ = registry_with_history
+    assert _alias(client, name, "champion") == "2"
+    assert _alias(client, name, "previous-champion") == "1"
+    out = registry.rollback(name, reason="v2 draws smudges")
+    assert out["champion_before"] == "2" and out["champion"] == "1"
+    assert _alias(client, name, "champion") == "1"
+    tags = client.get_model_version(name, "1").tags
+    assert tags["genloop.rollback.why"] == "v2 draws smudges" and tags["genloop.rollback.from"] == "2"
+    assert tags["genloop.rollback.by"] and tags["genloop.rollback.at"].endswith("Z")
+    assert client.get_model_version(name, "2").tags["genloop.rolled_back_to"] == "1"
+    history = registry.champion_history(name)
+    assert [h["version"] for h in history] == ["1", "2", "1"] and history[-1]["rolled_back_from"] == "2"
+    # v1 replaced nobody: there is nothing further back
+    with pytest.raises(GenloopError, match="no previous champion"):
+        registry.rollback(name)
+
+
+def test_rollback_refuses_a_version_that_never_passed_the_gate(registry_with_history):
+    name, client, _ = registry_with_history
+    with pytest.raises(GenloopError, match="never passed the promotion gate.*decision 3.*--force"):
+        registry.rollback(name, to="3")
+    assert _alias(client, name, "champion") == "2"
+    with pytest.raises(GenloopError, match="no version 7; versions: 1, 2, 3"):
+        registry.rollback(name, to="7")
+    out = registry.rollback(name, to="3", reason="hotfix", force=True)
+    assert out["champion"] == "3" and client.get_model_version(name, "3").tags["genloop.rollback.forced"] == "True"
+
+
+def test_rollback_command(registry_with_history, tmp_path):
+    name, client, uri = registry_with_history
+    env = cli_env(tmp_path, MLFLOW_TRACKING_URI=uri)
+    cmd = [str(BIN / "genloop"), "rollback", "--params", str(ROOT / "params.yaml"), "--set",
+           f"register.model_name={name}"]
+    refused = run_cli([*cmd, "--to", "3"], tmp_path, env=env, ok=False)
+    assert refused.returncode == 2 and "never passed the promotion gate" in refused.stderr
+    done = run_cli([*cmd, "--reason", "bad batch"], tmp_path, env=env)
+    assert json.loads(done.stdout)["champion"] == "1"
+    assert json.loads((tmp_path / "reports" / "rollback.json").read_text())["why"] == "bad batch"
+    assert _alias(client, name, "champion") == "1"
