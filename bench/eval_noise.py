@@ -78,7 +78,8 @@ def main() -> None:
         ref, _ = load_reference(ncfg, ws, extractor)
         t1 = time.perf_counter()
         _, gen, spec, sha, _ = models[0]
-        result = evaluate_generator(ncfg, ws, lambda k, s: sample(gen, spec, k, s), f"{sha}-cost-{time.time()}",
+        result = evaluate_generator(ncfg, ws, lambda k, s, g=gen, sp=spec: sample(g, sp, k, s),
+                                    f"{sha}-cost-{time.time()}",
                                     extractor, ref)
         t2 = time.perf_counter()
         cost.append({"n": n, "reference_s": round(t1 - t0, 2), "evaluate_s": round(t2 - t1, 2),

@@ -51,7 +51,8 @@ def _append_history(ws: Workspace, row: dict[str, Any]) -> pd.DataFrame:
     same = (history["generator"] == row["generator"]) & (history["data_version"] == row["data_version"])
     history = history[~same]
     row["iteration"] = int(history["iteration"].max()) + 1 if len(history) else 0
-    history = pd.concat([history, pd.DataFrame([row], columns=HISTORY_COLUMNS)], ignore_index=True)
+    new = pd.DataFrame([row], columns=HISTORY_COLUMNS)
+    history = pd.concat([history, new], ignore_index=True) if len(history) else new
     with atomic_path(path) as tmp:
         history.to_csv(tmp, index=False)
     return history

@@ -154,13 +154,17 @@ def loop_flow(
         f"- MLflow parent run: [{run_id}]({run_link})\n"
         f"- model: `{reg['model_uri']}`, promoted: **{reg['promoted']}** ({reg['reason']})\n"
         f"- FID {ev['fid']:.3f} (real-vs-real floor {ev['fid_real_floor']:.3f}), "
-        f"KID {ev['kid_mean']:.5f} ± {ev['kid_std']:.5f}\n\n"
+        f"KID {ev['kid_mean']:.5f} ± {ev['kid_std']:.5f}, precision {ev['precision']:.3f}, "
+        f"recall {ev['recall']:.3f}, memorised {ev['memorised_share']:.1%} ({ev['extractor']} features)\n"
+        f"- gate: see `reports/gate.json`; roll back with `genloop rollback --reason ...`\n\n"
         f"| stage | this run |\n|---|---|\n{stage_rows}\n\n```\n{where}\n```\n",
         description="What this loop iteration did and where its results are",
     )
     create_table_artifact(
         key="genloop-loop-metrics",
-        table=[{"metric": k, "value": ev[k]} for k in ("fid", "kid_mean", "kid_std", "fid_real_floor")],
+        table=[{"metric": k, "value": ev[k]} for k in ("fid", "kid_mean", "kid_std", "inception_score", "precision",
+                                                        "recall", "memorised_share", "fid_real_floor")
+               if ev.get(k) is not None],
         description="Evaluation metrics of this iteration's generator",
     )
     return {"results": results, "where": where, "parent_run_id": run_id, "skipped": skipped}
