@@ -41,8 +41,8 @@ services-down:  ## stop exactly the processes `make services` started
 services-status:
 	$(BIN)/genloop services status
 
-deploy: install  ## register flows/prefect.yaml's deployments with the running Prefect server
-	source .genloop/services/env.sh && $(BIN)/prefect --no-prompt deploy --all --prefect-file flows/prefect.yaml
+deploy: install  ## register the local deployments (nightly, hourly) with the running Prefect server
+	source .genloop/services/env.sh && $(BIN)/prefect --no-prompt deploy --name nightly --name hourly --prefect-file flows/prefect.yaml
 
 lint: install
 	$(BIN)/ruff check src tests flows

@@ -1,5 +1,6 @@
 """Scheduled runs on real servers: `genloop services up` (MLflow server, Prefect server, a process
-worker), `prefect deploy --all`, `prefect deployment run` to Completed, the cache-skip rerun,
+worker), `prefect deploy --name nightly --name hourly`, `prefect deployment run` to Completed, the
+cache-skip rerun,
 a rerun after one training param changed, and `genloop services down`."""
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _task_states(services: dict[str, Any], flow_run_id: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def deployed(workspace: Path, services: dict[str, Any]) -> str:
-    done = run_cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "flows/prefect.yaml"],
+    done = run_cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "nightly", "--name", "hourly",
+                    "--prefect-file", "flows/prefect.yaml"],
                    workspace, _env(workspace, services), timeout=300)
     return done.stdout
 
