@@ -27,7 +27,7 @@ run: install  ## collect the built-in corpus and run the whole loop (Prefect flo
 	$(BIN)/genloop loop
 
 test: install  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, one test file each: the servers mostly wait
 
 test-integration: install  ## only the tests against real servers (services, deployments, S3, failures)
 	$(BIN)/python -m pytest -q -m integration
