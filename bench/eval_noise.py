@@ -19,20 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-
-for var, value in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("GX_ANALYTICS_ENABLED", "false")):
-    os.environ.setdefault(var, value)
-for var in ("MLFLOW_TRACKING_URI", "GENLOOP_PARENT_RUN_ID"):  # an embedded store inside the workdir
-    os.environ.pop(var, None)
+from offline_env import RESULTS, ROOT  # first: no telemetry, an embedded MLflow store
 
 from genloop import clean, collect, train, validate  # noqa: E402
 from genloop.config import load_params  # noqa: E402
