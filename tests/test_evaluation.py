@@ -63,10 +63,12 @@ def test_metrics_rank_real_above_shifted_above_noise(data_ws):
     assert s_real["fid"] * 10 < s_noise["fid"]
     assert s_real["kid_mean"] < s_shift["kid_mean"] < s_noise["kid_mean"]
     assert s_real["precision"] > 0.5 and s_real["recall"] > 0.5
-    # noise covers none of the real digits; precision alone can be fooled by a real outlier
-    # whose k-NN ball swallows the noise cluster, which is why density/coverage are reported too
+    # noise covers none of the real digits. Precision is not asserted for noise: all noise images
+    # land on one point of feature space, and a real outlier's wide k-NN ball can swallow it (seen:
+    # noise precision 0.0, 0.46 and 0.99 with extractors trained from the same seed), the weakness
+    # of precision/recall that density/coverage (also reported) were designed to fix
     assert s_noise["recall"] < 0.05 and s_noise["coverage"] < 0.05
-    assert s_real["precision"] > s_shift["precision"] and s_real["precision"] > s_noise["precision"]
+    assert s_real["precision"] > s_shift["precision"]
     assert s_real["coverage"] > s_shift["coverage"] > s_noise["coverage"]
     # the classifier is confident and spreads its classes over real digits only
     assert s_real["inception_score"] > s_shift["inception_score"] > s_noise["inception_score"]
