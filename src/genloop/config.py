@@ -63,6 +63,10 @@ class CollectParams(_Section):
         description="`dvc push data.dvc` after `dvc add`; auto: when the DVC repo has a default remote, "
         "yes: a missing default remote is an error",
     )
+    max_synthetic_fraction: float = Field(
+        0.2, ge=0, le=1,
+        description="accepted generated images (a `feedback:` source) make up at most this share of the corpus",
+    )
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -256,6 +260,30 @@ class OptimizeParams(_Section):
         return _check_sink(v)
 
 
+class FeedbackParams(_Section):
+    """Where reviewers' decisions on curated images are kept (append-only, one record per action)."""
+
+    store: str = Field(
+        "feedback", min_length=1,
+        description="a folder (relative to the workspace) or s3://bucket/prefix holding the feedback records",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v.startswith("s3://"):
+            return _check_sink(v) or v
+        if ":" in v.split("/")[0]:
+            raise ValueError("must be a folder path or an s3://bucket/prefix URI")
+        return v
+
+
+class LoopParams(_Section):
+    autotune: bool = Field(
+        False, description="apply reports/next_params.yaml (the optimize stage's proposal) in the next loop run"
+    )
+
+
 class TrackingParams(_Section):
     experiment: str = Field("genloop", min_length=1)
 
@@ -273,6 +301,8 @@ class Params(_Section):
     register_: RegisterParams = Field(default_factory=RegisterParams, alias="register")
     generate: GenerateParams = Field(default_factory=GenerateParams)
     optimize: OptimizeParams = Field(default_factory=OptimizeParams)
+    feedback: FeedbackParams = Field(default_factory=FeedbackParams)
+    loop: LoopParams = Field(default_factory=LoopParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
