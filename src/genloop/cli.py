@@ -42,13 +42,16 @@ def _run_stage(name: str, params: Path, sets: list[str] | None, workspace: Path,
     from genloop import logs
     from genloop.config import load_params
     from genloop.errors import GenloopError
+    from genloop.lock import workspace_lock
     from genloop.stages import stage_fn
     from genloop.workspace import Workspace
 
     logs.setup(verbose)
     try:
         cfg = load_params(params, sets or [])
-        return stage_fn(name)(cfg, Workspace.at(workspace))
+        ws = Workspace.at(workspace)
+        with workspace_lock(ws, f"genloop {name}"):
+            return stage_fn(name)(cfg, ws)
     except GenloopError as exc:
         _fail(str(exc))
         raise  # unreachable: _fail exits
@@ -106,10 +109,14 @@ def loop(
     logs.setup(verbose)
     try:
         load_params(params, set_ or [])  # fail on bad params before Prefect starts
-        from genloop.flows import loop_flow
+        from genloop.lock import workspace_lock
+        from genloop.workspace import Workspace
 
-        result = loop_flow(params_file=str(params), overrides=set_ or [], workspace=str(workspace),
-                           collect=collect)
+        with workspace_lock(Workspace.at(workspace), "genloop loop"):  # fail fast, before Prefect starts
+            from genloop.flows import loop_flow
+
+            result = loop_flow(params_file=str(params), overrides=set_ or [], workspace=str(workspace),
+                               collect=collect)
     except GenloopError as exc:
         _fail(str(exc))
         return
@@ -223,6 +230,7 @@ def rollback_champion(
     from genloop import logs, registry, tracking
     from genloop.config import load_params
     from genloop.errors import GenloopError
+    from genloop.lock import workspace_lock
     from genloop.storage import write_json_atomic
     from genloop.workspace import Workspace
 
@@ -231,7 +239,8 @@ def rollback_champion(
         cfg = load_params(params, set_ or [])
         ws = Workspace.at(workspace)
         tracking.configure(ws, cfg)
-        summary = registry.rollback(cfg.register_.model_name, to=to, reason=reason, force=force)
+        with workspace_lock(ws, "genloop rollback"):
+            summary = registry.rollback(cfg.register_.model_name, to=to, reason=reason, force=force)
     except GenloopError as exc:
         _fail(str(exc))
         return

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from genloop import caching, logs, tracking
 from genloop.config import load_params
 from genloop.errors import Unreachable
+from genloop.lock import workspace_lock
 from genloop.stages import CACHEABLE, ORDER, stage_fn
 from genloop.workspace import Workspace
 
@@ -126,7 +127,11 @@ def loop_flow(
     `overrides` are `dotted.key=value` strings, like `genloop loop --set`; stages whose inputs
     and params did not change since the last run are skipped (Prefect task cache).
     """
-    overrides = list(overrides or [])
+    with workspace_lock(Workspace.at(workspace), "genloop-loop flow"):
+        return _loop(params_file, list(overrides or []), workspace, collect)
+
+
+def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool) -> dict[str, Any]:
     cfg = load_params(params_file, overrides)
     ws = Workspace.at(workspace)
     results: dict[str, dict[str, Any]] = {}
@@ -174,5 +179,6 @@ def loop_flow(
 def collect_flow(params_file: str = "params.yaml", overrides: list[str] | None = None,
                  workspace: str = ".") -> dict[str, Any]:
     """Ingestion only: collect the configured sources, bump data.dvc (and push it to the DVC remote)."""
-    result, _ = run_stage("collect", params_file, list(overrides or []), workspace)
+    with workspace_lock(Workspace.at(workspace), "genloop-collect flow"):
+        result, _ = run_stage("collect", params_file, list(overrides or []), workspace)
     return result
