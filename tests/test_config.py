@@ -224,3 +224,52 @@ def test_dvc_push_accepts_yaml_booleans_and_needs_dvc_add() -> None:
 def test_bare_yes_and_no_mean_the_words_in_auto_yes_no_settings():
     cfg = load_params(None, ["train.channels_last=yes", "model.conditional=no", "collect.dvc_push=yes"])
     assert (cfg.train.channels_last, cfg.model.conditional, cfg.collect.dvc_push) == ("yes", "no", "yes")
+
+
+BAD_PARAMS = {
+    # params.yaml text -> what the error must name (dotted key, the value, what is allowed)
+    "trian:\n  epochs: 1\n": ["trian: unknown key", "valid keys: ", "train"],
+    "train:\n  epochs: three\n": ["train.epochs = 'three'", "integer"],
+    "train:\n  epochs: 0\n": ["train.epochs = 0", "greater than or equal to 1"],
+    "data:\n  resolution: 30\n": ["data.resolution = 30", "[8, 16, 32, 64, 128, 256]"],
+    "model:\n  family: gpt\n": ["model.family = 'gpt'", "'dcgan', 'vae' or 'ddpm'"],
+    "evaluate:\n  n_samples: -5\n": ["evaluate.n_samples = -5"],
+    "collect:\n  max_synthetic_fraction: 1.5\n": ["collect.max_synthetic_fraction = 1.5", "less than or equal to 1"],
+    "feedback:\n  store: 'ftp://x/y'\n": ["feedback.store = 'ftp://x/y'", "s3://bucket/prefix"],
+    "- just\n- a list\n": ["must hold a mapping"],
+    "train: {epochs: [\n": ["not valid YAML"],
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_PARAMS))
+def test_the_cli_refuses_bad_params_before_any_work(tmp_path: Path, text: str) -> None:
+    """`genloop loop` and a stage exit 2 naming the key, the value and what is allowed; nothing is written."""
+    from typer.testing import CliRunner
+
+    from genloop.cli import app
+
+    (tmp_path / "params.yaml").write_text(text)
+    runner = CliRunner()
+    for args in (["loop"], ["train"]):
+        result = runner.invoke(app, [*args, "--params", str(tmp_path / "params.yaml"), "--workspace", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.output.split())
+        for expected in BAD_PARAMS[text]:
+            assert expected in said, (expected, said)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no lock, data, reports or runs
+
+
+def test_a_bad_set_override_is_refused_before_any_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from genloop.cli import app
+
+    result = CliRunner().invoke(app, ["loop", "--params", str(tmp_path / "p.yaml"), "--workspace", str(tmp_path)])
+    assert result.exit_code == 2 and "p.yaml not found" in " ".join(result.output.split())
+    (tmp_path / "p.yaml").write_text("{}\n")
+    result = CliRunner().invoke(app, ["loop", "-p", str(tmp_path / "p.yaml"), "-w", str(tmp_path),
+                                      "--set", "train.lr=-1", "--set", "optimize.kep=3"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "optimize.kep" in said and "valid keys here" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
