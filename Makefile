@@ -27,6 +27,10 @@ run: install  ## collect the built-in corpus and run the whole loop (Prefect flo
 	$(BIN)/genloop loop
 
 test: install  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
+	@# the review page's browser test drives Debian's chromium (Playwright cannot download browsers offline)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium unavailable: the browser test will be skipped"
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, one test file each: the servers mostly wait
 
 test-integration: install  ## only the tests against real servers (services, deployments, S3, failures)

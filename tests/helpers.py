@@ -34,7 +34,8 @@ def cli_env(ws: Path, **extra: str) -> dict[str, str]:
     """The environment of a genloop/prefect/dvc subprocess: this venv first on PATH, analytics
     off, Prefect state inside the workspace, nothing inherited from an outer loop or server."""
     # mlflow.set_tracking_uri/set_registry_uri in this process export MLFLOW_*_URI: never pass them on
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GENLOOP_PARENT", "GENLOOP_WORKSPACE_LOCK", "MLFLOW_"))}
+    inherited = ("PREFECT_", "GENLOOP_PARENT", "GENLOOP_WORKSPACE_LOCK", "MLFLOW_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PREFECT_HOME=str(ws / ".prefect"),

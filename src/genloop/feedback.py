@@ -42,7 +42,7 @@ class FeedbackError(GenloopError):
 
 def check_image_id(value: str) -> str:
     """An image id is one safe path segment: letters, digits, `_.-`, no `..`, at most 128 chars."""
-    if not isinstance(value, str) or not IMAGE_ID.match(value) or ".." in value:
+    if not isinstance(value, str) or not IMAGE_ID.fullmatch(value) or ".." in value:
         raise ValueError(
             f"image id {value!r} is not allowed: use letters, digits, '_', '.', '-' "
             "(starting with a letter or digit, no '..', at most 128 characters)"
@@ -80,7 +80,7 @@ class FeedbackRecord(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, v: str) -> str:
-        if not SHA256.match(v):
+        if not SHA256.fullmatch(v):
             raise ValueError("must be 64 lower-case hex digits (the image file's sha256)")
         return v
 
