@@ -8,23 +8,8 @@ from typing import Annotated
 
 import typer
 
-# the same options as genloop.cli's (not imported from it: cli.py imports this module)
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML).")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-S", help="override a param: dotted.key=value (repeatable), like `dvc exp run -S`."),
-]
-WorkspaceOpt = Annotated[
-    Path, typer.Option("--workspace", "-w", help="workspace folder holding data/, models/, reports/.")
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging.")]
-
-
-def _fail(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+from genloop.cli_options import ParamsOpt, SetOpt, VerboseOpt, WorkspaceOpt
+from genloop.cli_options import fail as _fail
 
 feedback_app = typer.Typer(
     help="The feedback store (feedback.store: a folder or s3:// prefix): reviewers' accept/reject "
