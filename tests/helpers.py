@@ -53,6 +53,7 @@ def run_cli(cmd: list[str], ws: Path, env: dict[str, str], timeout: int = 600,
             ok: bool = True) -> subprocess.CompletedProcess:
     """Run a command in the workspace; with ok=True, fail the test with its output unless it exits 0."""
     done = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+    CLI_OUTPUTS.append((cmd, done.stdout, done.stderr))
     if ok:
         assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     return done
@@ -74,3 +75,7 @@ def make_workspace(ws: Path, overrides: list[str] = TINY) -> Path:
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=ws, check=True, env=env)
     return ws
+
+
+# what every run_cli call printed (stdout, stderr), for the secrets drill (tests/secret_scan.py)
+CLI_OUTPUTS: list[tuple[list[str], str, str]] = []

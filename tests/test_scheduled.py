@@ -17,40 +17,53 @@ import httpx
 import mlflow
 import psutil
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from tests import secret_scan
 from tests.conftest import free_port
-from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
+from tests.helpers import BIN, CLI_OUTPUTS, TINY, cli_env, make_workspace, run_cli
 
 pytestmark = pytest.mark.integration
 
 LOOP = "genloop-loop/nightly"
 CACHEABLE = ("clean", "validate", "train", "evaluate")
+# the secrets drill: fake credentials in every process of the run, S3 sinks + a DVC S3 remote on moto
+PLANTED = secret_scan.planted_secrets()
+CANARY = secret_scan.canary()  # the sink bucket's name: NOT a secret, so it must be found
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_workspace(tmp_path_factory.mktemp("scheduled"))
+def drill_env(moto_server: str) -> dict[str, str]:
+    return secret_scan.drill_env(PLANTED, moto_server)
 
 
 @pytest.fixture(scope="module")
-def services(workspace: Path) -> Any:
+def workspace(tmp_path_factory: pytest.TempPathFactory, drill_env: dict[str, str]) -> Path:
+    ws = make_workspace(tmp_path_factory.mktemp("scheduled"), [*TINY, *secret_scan.sink_overrides(CANARY)])
+    secret_scan.use_s3(ws, drill_env, CANARY)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def services(workspace: Path, drill_env: dict[str, str]) -> Any:
     """The services, started by the real `genloop services up` on free ports; stopped at the end."""
     home = workspace / ".genloop" / "services"
     cmd = [str(BIN / "genloop"), "services", "up", "--mlflow-port", str(free_port()),
            "--prefect-port", str(free_port())]
     started = time.monotonic()
-    done = run_cli(cmd, workspace, cli_env(workspace), timeout=400)
+    done = run_cli(cmd, workspace, cli_env(workspace, **drill_env), timeout=400)
     state = json.loads((home / "services.json").read_text())
     state["stdout"] = done.stdout
     state["wall_seconds"] = time.monotonic() - started
+    state["drill_env"] = drill_env
     yield state
     subprocess.run([str(BIN / "genloop"), "services", "down"], cwd=workspace, env=cli_env(workspace),
                    capture_output=True, timeout=120)
 
 
 def _env(workspace: Path, services: dict[str, Any]) -> dict[str, str]:
-    return cli_env(workspace, **services["env"])
+    return cli_env(workspace, **services["drill_env"], **services["env"])
 
 
 def _api(services: dict[str, Any], path: str, body: dict[str, Any] | None = None) -> Any:
@@ -165,6 +178,39 @@ def test_changing_one_training_param_reruns_train_and_what_follows_only(first_ru
     assert states["train"] == states["evaluate"] == states["register"] == "Completed"
     client = MlflowClient(services["urls"]["mlflow"])
     assert len(client.search_model_versions("name = 'genloop-generator'")) == 2
+
+
+def test_no_planted_secret_reaches_any_output(first_run, services, workspace, tmp_path, tmp_path_factory):
+    """The secrets drill. Every process of the scheduled runs (servers, worker, flow runs, CLI)
+    had fake credentials in its environment, and S3 was in play (sinks, a DVC S3 remote on
+    moto). No secret, nor its URL-encoded/JSON-escaped/base64/line-wrapped form, may be in
+    any output; planted non-secret values (the sink bucket's name, a param, the flow's name)
+    must be found in each one, or the search did not really search it."""
+    started = time.monotonic()
+    worker_env = psutil.Process(services["processes"]["worker"]["pid"]).environ()  # flow runs inherit it
+    assert {k: worker_env.get(k) for k in PLANTED} == PLANTED  # the secrets really were in play
+    scan = secret_scan.SecretScan(PLANTED, (CANARY, "train.epochs=1", "genloop-loop"))
+    scan.add_tree("workspace", workspace, skip=(".genloop/services/logs/",))
+    scan.add_tree("service-logs", workspace / ".genloop" / "services" / "logs")
+    for log in tmp_path_factory.getbasetemp().glob("moto*/server.log"):  # the S3 server's request log
+        scan.add("s3-server-log", str(log), log.read_bytes())
+    for cmd, out, err in CLI_OUTPUTS:
+        scan.add("cli", " ".join(cmd), f"{out}\n{err}")
+    secret_scan.dump_mlflow(scan, services["urls"]["mlflow"], tmp_path / "mlflow")
+    read = secret_scan.dump_prefect(scan, services["urls"]["prefect_api"])
+    print(scan.summary(), f"\nprefect: {read}; scan took {time.monotonic() - started:.1f} s")
+    assert scan.hits == [], "\n".join(scan.hits[:20])
+    # the scan really searched: enough of each source, and a planted non-secret value in each
+    assert read["flow_runs"] >= 1 and read["logs"] >= 20 and read["artifacts"] >= 2
+    assert scan.files["workspace"] >= 500 and scan.bytes["workspace"] >= 5_000_000
+    assert scan.files["cli"] >= 3 and scan.files["service-logs"] >= 3 and scan.files["mlflow"] >= 20
+    controls = {"workspace": CANARY, "mlflow": CANARY, "prefect-artifacts": CANARY, "s3-server-log": CANARY,
+                "prefect-runs": "train.epochs=1", "prefect-logs": "genloop-loop", "service-logs": "genloop-loop",
+                "cli": "genloop-loop"}
+    for source, control in controls.items():
+        assert scan.seen[source, control] > 0, f"{control!r} not found in {source}: was it really searched?"
+    assert f"s3://{CANARY}/dvc" in (workspace / ".dvc" / "config").read_text()  # S3 was in play: the DVC remote,
+    assert yaml.safe_load((workspace / "reports" / "generate.json").read_text())["sink_objects"] > 0  # the sink
 
 
 def test_services_down_stops_exactly_what_up_started(services, workspace):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from genloop.storage import read_json, write_json_atomic
 from genloop.workspace import Workspace
 
 PACKAGE = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 
 
 def fingerprint(path: Path) -> str:
@@ -98,10 +100,81 @@ def write_stamp(stage: str, key: str, ws: Workspace) -> None:
     write_json_atomic(_stamp_path(stage, ws), {"key": key, "outputs": _outputs(stage, ws)})
 
 
+# Prefect reads a cached stage result back with the serializer named in the stored cache record
+# itself: a record naming pickle, another JSON library or another object hook (e.g.
+# subprocess.run) would run code on a cache hit. genloop writes only plain JSON records, and
+# uses a cache entry only if its record is exactly that.
+JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"
+# types Prefect's JSON encoder tags with "__class__" that may be rebuilt from a cached result
+SAFE_RESULT_CLASSES = frozenset({"pathlib.Path", "pathlib.PosixPath", "pathlib.PurePosixPath", "datetime.datetime",
+                                 "datetime.date", "datetime.timedelta", "uuid.UUID", "decimal.Decimal"})
+
+
+def _tagged_types(value: Any) -> set[str]:
+    """The "__class__"/"__exc_type__" tags anywhere in a JSON value (Prefect's decoder imports them)."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for tag in ("__class__", "__exc_type__"):
+                if tag in item:
+                    found.add(str(item[tag]))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def _record_problem(record_path: Path, results: Path, key: str) -> str | None:
+    """Why Prefect must not read this cache record back (None when it is a plain JSON one)."""
+    try:
+        record = json.loads(record_path.read_bytes())
+    except ValueError:
+        return "it is not JSON"
+    serializer = record.get("serializer") if isinstance(record, dict) else None
+    kind = serializer.get("type") if isinstance(serializer, dict) else serializer
+    if kind != "json" or not isinstance(serializer, dict):
+        return f"it names serializer {kind!r}, not json"
+    if (serializer.get("jsonlib", "json") != "json" or serializer.get("object_decoder", JSON_DECODER)
+            not in (JSON_DECODER, None) or serializer.get("loads_kwargs")):
+        return "it changes how its JSON is decoded (jsonlib, object_decoder or loads_kwargs)"
+    stored = record.get("storage_key")
+    if not isinstance(stored, str) or Path(stored).resolve() != (results / key).resolve():
+        return f"its result is stored at {stored!r}, not at {results / key}"
+    result_path = results / key
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_bytes())
+        except ValueError:
+            return "its result is not JSON"
+        if unsafe := sorted(_tagged_types(result) - SAFE_RESULT_CLASSES):
+            return f"its result would rebuild {', '.join(unsafe)}"
+    return None
+
+
+def cache_record_safe(key: str, ws: Workspace) -> bool:
+    """False when Prefect's cache record of `key` would be read back other than as plain JSON
+    (a tampered or foreign record): the flow then runs the stage again instead of using it."""
+    store = results_dir(ws)
+    record_path = store / "records" / key
+    if not record_path.is_file():
+        return True  # nothing cached under this key: Prefect has nothing to read
+    problem = _record_problem(record_path, store / "results", key)
+    if problem:
+        log.warning("not using the cached result of %s: %s; the stage runs again (genloop reads cached results "
+                    "only as plain JSON, never unpickles them)", record_path, problem)
+        return False
+    return True
+
+
 def outputs_intact(stage: str, key: str, ws: Workspace) -> bool:
-    """True when the stage last ran under `key` and its output files are unchanged since."""
+    """True when the stage last ran under `key`, its output files are unchanged since, and its
+    cached result would be read back as JSON (never unpickled)."""
     path = _stamp_path(stage, ws)
     if not path.exists():
+        return False
+    if not cache_record_safe(key, ws):
         return False
     try:
         stamp = read_json(path)

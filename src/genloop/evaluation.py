@@ -20,6 +20,7 @@ import torch
 from genloop.config import Params
 from genloop.features import Extractor, embed_with_logits, to_nchw_uint8
 from genloop.metrics import Memorisation, memorisation, suite
+from genloop.models import load_torch_file
 from genloop.reference import Reference
 from genloop.storage import atomic_path, sha256_bytes, write_text_atomic
 from genloop.workspace import Workspace
@@ -56,7 +57,8 @@ def evaluate_generator(
     path = ws.cache / "evals" / f"{eval_key(cfg, generator_sha256, ref)}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
-        t = torch.load(path, map_location="cpu", weights_only=True)
+        t = load_torch_file(path, "cached evaluation", keys=("images", "features", "novelty", "nearest_index"),
+                            fix="Delete it; the next evaluation recomputes it.")
         metrics = json.loads(meta_path.read_text())["metrics"]
         mem = Memorisation(t["novelty"], t["nearest_index"], e.memorisation_threshold)
         log.info("evaluation of %s: cache hit", generator_sha256[:12])

@@ -23,7 +23,8 @@ from torch.nn import functional as F
 
 from genloop.config import Params
 from genloop.dataset import ImageSet, load_split, to_unit
-from genloop.errors import ConfigError
+from genloop.errors import ConfigError, GenloopError
+from genloop.models import load_torch_file
 from genloop.progress import Progress
 from genloop.provenance import data_version
 from genloop.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
@@ -211,7 +212,13 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
     kind = "domain-classifier" if data.classes else "domain-autoencoder"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        fix = "Delete it; the next evaluation retrains the extractor."
+        state = load_torch_file(path, "cached extractor weights", fix=fix)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise GenloopError(f"{path} (cached extractor weights) does not fit the extractor: "
+                               f"{str(exc).splitlines()[0]}. {fix}") from None
         module.eval()
         accuracy = json.loads(meta_path.read_text()).get("train_accuracy")
         log.info("extractor: reusing %s (data version %s)", path, version)

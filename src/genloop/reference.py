@@ -21,6 +21,7 @@ from genloop.config import Params
 from genloop.dataset import ImageSet, load_split
 from genloop.features import Extractor, embed, novelty_scale
 from genloop.metrics import FidAgainst, kid
+from genloop.models import load_torch_file
 from genloop.provenance import data_version
 from genloop.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.workspace import Workspace
@@ -60,7 +61,8 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
     path = ws.cache / "reference" / f"{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = load_torch_file(path, "cached reference statistics", keys=("holdout", "train"),
+                                  fix="Delete it; the next evaluation recomputes it.")
         meta = json.loads(meta_path.read_text())
         log.info("reference statistics: cache hit %s", key)
         ref = Reference(key, tensors["holdout"], tensors["train"], meta["train_ids"], meta["novelty_unit"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -69,6 +70,55 @@ def generate(
     return custom(gen, spec, latent, labels) if custom is not None else gen(latent, labels)
 
 
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to retry
+    with weights_only=False (which would run whatever the file holds)."""
+    text = str(exc)
+    if found := _GLOBAL.search(text):
+        return f"it references {found.group(1).rstrip('.,')}, which is not a tensor type"
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.split("Check the documentation of torch.load")[0]
+    kept = [s for s in re.split(r"(?<=\.)\s+", " ".join(text.split())) if s and "weights_only" not in s
+            and "trusted source" not in s and "file an issue" not in s]
+    detail = " ".join(kept[:2])[:300].rstrip(".") or "the file is empty, truncated or not a torch file"
+    return f"{exc.__class__.__name__}: {detail}"
+
+
+def load_torch_file(path: Path, what: str, keys: tuple[str, ...] = (), fix: str = "") -> dict[str, Any]:
+    """The dict of tensors (a state dict, a checkpoint, cached statistics) saved in `path`.
+
+    Read with `torch.load(weights_only=True)`: tensors, numbers, strings and containers only,
+    so a tampered file cannot run code. Anything else (a pickled object, a corrupt or empty
+    file, a file without the `keys` genloop wrote) raises GenloopError naming the file and
+    `what` it should hold; `fix` says what to do (e.g. delete the file and rerun a stage).
+    """
+    path = Path(path)
+    hint = f" {fix}" if fix else ""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...
+        why = _load_failure(exc)
+        raise GenloopError(
+            f"{path} ({what}) is not a plain tensor/state-dict file and was not loaded: {why}. genloop reads "
+            f"only tensors from such files, never pickled Python objects (they could run code).{hint}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise GenloopError(
+            f"{path} ({what}) is not a plain tensor/state-dict file: it holds a {type(obj).__name__}, "
+            f"not a dict of tensors.{hint}"
+        )
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise GenloopError(f"{path} ({what}) lacks {', '.join(missing)}: not a file genloop wrote.{hint}")
+    return obj
+
+
 def save_generator(module: torch.nn.Module, spec: GeneratorSpec, weights: Path) -> None:
     """Write the generator's state dict and spec (weights.with_suffix('.json')) atomically."""
     from genloop.storage import atomic_path, write_text_atomic
@@ -85,7 +135,14 @@ def load_generator(weights: Path, device: str | torch.device = "cpu") -> tuple[t
         raise GenloopError(f"generator {weights} (+ {spec_path.name}) not found: run `genloop train`")
     spec = GeneratorSpec.from_json(spec_path.read_text())
     gen = family(spec.family).build_generator(spec)
-    gen.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    state = load_torch_file(weights, "generator weights", fix="Retrain it with `genloop train`.")
+    try:
+        gen.load_state_dict(state)
+    except RuntimeError as exc:
+        raise GenloopError(
+            f"{weights} (generator weights) does not fit the {spec.family} generator of {spec_path.name}: "
+            f"{str(exc).splitlines()[0]}. Retrain it with `genloop train`."
+        ) from None
     return gen.to(device).eval(), spec
 
 
