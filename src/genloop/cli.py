@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from genloop.cli_feedback import register as register_feedback_commands
+from genloop.cli_options import ParamsOpt, SetOpt, VerboseOpt, WorkspaceOpt, fail
 from genloop.stages import HELP, ORDER
 
 app = typer.Typer(
@@ -19,23 +21,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML).")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-S", help="override a param: dotted.key=value (repeatable), like `dvc exp run -S`."),
-]
-WorkspaceOpt = Annotated[
-    Path, typer.Option("--workspace", "-w", help="workspace folder holding data/, models/, reports/.")
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging.")]
-
-
-def _fail(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _run_stage(name: str, params: Path, sets: list[str] | None, workspace: Path, verbose: bool) -> dict[str, Any]:
@@ -53,8 +38,8 @@ def _run_stage(name: str, params: Path, sets: list[str] | None, workspace: Path,
         with workspace_lock(ws, f"genloop {name}"):
             return stage_fn(name)(cfg, ws)
     except GenloopError as exc:
-        _fail(str(exc))
-        raise  # unreachable: _fail exits
+        fail(str(exc))
+        raise  # unreachable: fail exits
 
 
 def _make_stage_command(name: str) -> None:
@@ -98,17 +83,25 @@ def loop(
     set_: SetOpt = None,
     workspace: WorkspaceOpt = Path("."),
     collect: Annotated[bool, typer.Option(help="run collect first (then `dvc add`).")] = True,
+    autotune: Annotated[bool | None, typer.Option(
+        "--autotune/--no-autotune",
+        help="start from the last optimize's proposal, reports/next_params.yaml [default: loop.autotune].",
+    )] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the whole loop as a Prefect flow (ephemeral Prefect API when PREFECT_API_URL is unset),
-    under one MLflow parent run, and print where the results are."""
+    under one MLflow parent run, and print where the results are.
+
+    With loop.autotune (or --autotune) the tuned params of reports/next_params.yaml are applied
+    first; `--params reports/next_params.yaml` runs with that whole file instead."""
     from genloop import logs
     from genloop.config import load_params
     from genloop.errors import GenloopError
 
     logs.setup(verbose)
+    set_ = [*(set_ or []), *([f"loop.autotune={str(autotune).lower()}"] if autotune is not None else [])]
     try:
-        load_params(params, set_ or [])  # fail on bad params before Prefect starts
+        load_params(params, set_)  # fail on bad params before Prefect starts
         from genloop.lock import workspace_lock
         from genloop.workspace import Workspace
 
@@ -118,7 +111,7 @@ def loop(
             result = loop_flow(params_file=str(params), overrides=set_ or [], workspace=str(workspace),
                                collect=collect)
     except GenloopError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(result["where"])
 
@@ -131,7 +124,7 @@ def _transfer_data(verb: str, workspace: Path, verbose: bool) -> None:
     try:
         remote = getattr(dvc_remote, verb)(workspace.resolve())
     except GenloopError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(f"{verb}: data.dvc {'to' if verb == 'push' else 'from'} DVC remote {remote.name!r} ({remote.url})")
 
@@ -181,7 +174,7 @@ def services_up(
         state = services.up(_services_home(workspace, home), workspace.resolve(),
                             services.Ports(mlflow=mlflow_port, prefect=prefect_port), timeout=timeout)
     except GenloopError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(f"services up in {state['startup_seconds']} s\n" + services.describe(state))
 
@@ -242,7 +235,7 @@ def rollback_champion(
         with workspace_lock(ws, "genloop rollback"):
             summary = registry.rollback(cfg.register_.model_name, to=to, reason=reason, force=force)
     except GenloopError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     write_json_atomic(ws.report("rollback"), summary)
     typer.echo(json.dumps(summary, indent=2))
@@ -259,9 +252,12 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     try:
         cfg = load_params(params, set_ or [])
     except GenloopError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+register_feedback_commands(app)  # genloop review, genloop feedback import|stats
 
 
 def main() -> None:

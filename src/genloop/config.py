@@ -243,6 +243,70 @@ class GenerateParams(_Section):
         return _check_sink(v)
 
 
+def _check_range(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and v[0] > v[1]:
+        raise ValueError(f"must be [low, high] with low <= high, got {list(v)}")
+    return v
+
+
+class TuneParams(_Section):
+    """Feedback-driven tuning: an Optuna study with one trial per loop iteration (genloop.autotune).
+
+    A range set to null is not tuned. The learning rate tuned is the model family's own
+    (`model.<family>.lr`) when it has one, else `train.lr`.
+    """
+
+    enabled: bool = Field(True, description="record this iteration as a trial and write reports/next_params.yaml")
+    storage: str | None = Field(
+        None,
+        description="null: a journal file .genloop/optuna/study.log in the workspace; a file path (journal, "
+        "relative to the workspace); an RDB URL (sqlite:///study.db, relative paths in the workspace); or "
+        "s3://bucket/key of a journal file (downloaded, used, uploaded back only if unchanged meanwhile)",
+    )
+    study_name: str = Field("genloop", min_length=1, max_length=200)
+    acceptance_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="objective = metric / first trial's metric + w x (1 - 2 x human acceptance rate), lower is better; "
+        "0: the gate's metric alone",
+    )
+    seed: int = Field(0, description="TPE seed (offset by the number of trials, so proposals differ)")
+    startup_trials: int = Field(4, ge=0, description="random proposals before TPE models the results")
+    epochs: tuple[int, int] | None = Field((2, 20), description="train.epochs range")
+    lr: tuple[float, float] | None = Field((1e-4, 3e-3), description="learning rate range (log scale)")
+    latent_dim: tuple[int, int] | None = Field(
+        (8, 128), description="model.<family>.latent_dim range (log scale; dcgan and vae)"
+    )
+    beta: tuple[float, float] | None = Field((0.25, 4.0), description="model.vae.beta range (log scale)")
+
+    @field_validator("epochs", "lr", "latent_dim", "beta")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        return _check_range(v)
+
+    @field_validator("lr", "latent_dim", "beta")
+    @classmethod
+    def _positive(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] <= 0:
+            raise ValueError("a log-scale range must be positive")
+        return v
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and v[0] < 1:
+            raise ValueError("epochs must be at least 1")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("s3://"):
+            bucket, _, key = v[5:].partition("/")
+            if not bucket or not key or key.endswith("/"):
+                raise ValueError("an s3:// storage names the journal object: s3://bucket/path/study.log")
+        return v
+
+
 class OptimizeParams(_Section):
     keep: int = Field(64, ge=1, description="curated images kept (the best by score)")
     min_novelty: float = Field(
@@ -253,6 +317,7 @@ class OptimizeParams(_Section):
     sink: str | None = Field(
         None, description="s3://bucket/prefix: each curated batch is also uploaded to <sink>/<model version>/"
     )
+    tune: TuneParams = Field(default_factory=TuneParams)
 
     @field_validator("sink")
     @classmethod

@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
-from genloop import caching, logs, tracking
+from genloop import autotune, caching, logs, tracking
 from genloop.config import load_params
 from genloop.errors import Unreachable
 from genloop.lock import workspace_lock
@@ -134,6 +134,10 @@ def loop_flow(
 def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool) -> dict[str, Any]:
     cfg = load_params(params_file, overrides)
     ws = Workspace.at(workspace)
+    applied = autotune.apply_proposal(cfg, ws, overrides) if cfg.loop.autotune else None
+    if applied is not None:  # the last optimize's proposal (reports/next_params.yaml); explicit --set wins
+        overrides = applied.overrides
+        cfg = load_params(params_file, overrides)
     results: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
     if collect:
@@ -145,17 +149,20 @@ def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool)
                 skipped.append(name)
             tracking.log_metrics({f"{name}.{k}": v for k, v in results[name].items()
                                   if isinstance(v, int | float) and not isinstance(v, bool)})
-        tracking.tag_run({"genloop.skipped_stages": ",".join(skipped) or "none"})
+        tracking.tag_run({"genloop.skipped_stages": ",".join(skipped) or "none",
+                          "genloop.autotune": applied.describe()[:4000] if applied else "off or no proposal"})
         run_id = parent.info.run_id
+        iteration = tracking.run_tags(run_id).get("genloop.iteration")
         run_link = tracking.run_link(ws, parent)
-    where = _where(ws, results, skipped)
+    where = _where(ws, results, skipped) + (f"\n  autotune:   {applied.describe()}" if applied else "")
+    where += f"\n  iteration:  {iteration} (MLflow parent run {run_id})"
     reg, ev = results["register"], results["evaluate"]
     stage_rows = "\n".join(f"| {name} | {'skipped (cached)' if name in skipped else 'ran'} |"
                            for name in ORDER if name in results)
     create_markdown_artifact(
         key="genloop-loop-summary",
         markdown=f"# genloop loop\n\n"
-        f"- data version: `{tracking.provenance_tags(ws, cfg, 'loop')['genloop.data_version']}`\n"
+        f"- iteration {iteration}, data version `{tracking.provenance_tags(ws, cfg, 'loop')['genloop.data_version']}`\n"
         f"- MLflow parent run: [{run_id}]({run_link})\n"
         f"- model: `{reg['model_uri']}`, promoted: **{reg['promoted']}** ({reg['reason']})\n"
         f"- FID {ev['fid']:.3f} (real-vs-real floor {ev['fid_real_floor']:.3f}), "
@@ -172,7 +179,9 @@ def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool)
                if ev.get(k) is not None],
         description="Evaluation metrics of this iteration's generator",
     )
-    return {"results": results, "where": where, "parent_run_id": run_id, "skipped": skipped}
+    return {"results": results, "where": where, "parent_run_id": run_id, "skipped": skipped, "iteration": iteration,
+            "autotune": {"file": applied.file, "overrides": applied.overrides,
+                         "changes": {k: list(v) for k, v in applied.changes.items()}} if applied else None}
 
 
 @flow(name="genloop-collect")

@@ -17,7 +17,10 @@ LEDGER_COLUMNS = {
     "label": "string",  # class label, <NA> if none
     "collected_at": "string",  # ISO-8601 UTC
     "provenance": "string",  # JSON: extra facts (model version, seed, rating for feedback)
+    "role": "string",  # train | negative (a rejected generated image: recorded, never trained on)
 }
+ROLE_TRAIN, ROLE_NEGATIVE = "train", "negative"
+FEEDBACK_SOURCE = "feedback:"  # the `source` of images reviewers accepted (or rejected)
 
 MANIFEST_COLUMNS = {
     "id": "string",  # stable image id (prefix of raw_sha256)
@@ -59,9 +62,10 @@ def read_table(path: Path, columns: dict[str, str], what: str, made_by: str) -> 
 
 
 def read_ledger(path: Path) -> pd.DataFrame:
-    return read_table(path, LEDGER_COLUMNS, "ledger", "collect") if path.exists() else empty(
-        LEDGER_COLUMNS
-    )
+    """The ledger; rows of ledgers written before `role` existed are training rows."""
+    ledger = read_table(path, LEDGER_COLUMNS, "ledger", "collect") if path.exists() else empty(LEDGER_COLUMNS)
+    ledger["role"] = ledger["role"].fillna(ROLE_TRAIN)
+    return ledger
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

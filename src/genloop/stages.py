@@ -56,7 +56,7 @@ IO = {
                         ("reports/register.json", "reports/gate.json")),
     "generate": StageIO(("reports/register.json",), ("generate",), ("outputs/generated", "reports/generate.json")),
     "optimize": StageIO(("reports/generate.json", "data/clean", "data/manifest.parquet"), ("optimize",),
-                        ("outputs/curated", "reports/optimize.json")),
+                        ("outputs/curated", "reports/optimize.json", "reports/next_params.yaml")),
 }
 
 # Stages whose result depends only on workspace files and params: safe to skip when those are
