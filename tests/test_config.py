@@ -273,3 +273,12 @@ def test_a_bad_set_override_is_refused_before_any_work(tmp_path: Path) -> None:
     said = " ".join(result.output.split())
     assert "optimize.kep" in said and "valid keys here" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+@pytest.mark.parametrize("key", ["generate.sink", "optimize.sink", "feedback.store"])
+def test_credentials_in_an_s3_uri_are_refused_and_never_echoed(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(None, [f"{key}=s3://AKIAFAKE:s3cr3t-value@bucket/prefix"])
+    msg = str(info.value)
+    assert key in msg and "must not carry credentials" in msg
+    assert "s3cr3t-value" not in msg and "AKIAFAKE" not in msg

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genloop.errors import ConfigError
+from genloop.logs import redact
 
 
 def _yaml_boolean(v: Any) -> Any:
@@ -88,8 +89,11 @@ def _check_sink(v: str | None) -> str | None:
         return None
     if not v.startswith("s3://"):
         raise ValueError("must be an s3://bucket/prefix URI (or null for no upload)")
-    if not v[5:].split("/", 1)[0]:
+    bucket = v[5:].split("/", 1)[0]
+    if not bucket:
         raise ValueError("names no bucket; use s3://bucket/prefix")
+    if "@" in bucket or ":" in bucket:
+        raise ValueError("must not carry credentials (user:secret@): they come from the AWS environment or profile")
     return v
 
 
@@ -449,7 +453,7 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
             valid = f"; valid keys: {', '.join(_valid_keys(parent))}" if parent else ""
             lines.append(f"  {loc}: unknown key{valid}")
         else:
-            lines.append(f"  {loc} = {value!r}: {msg}")
+            lines.append(redact(f"  {loc} = {value!r}: {msg}"))  # a credential in a URI is never echoed
     return "\n".join(lines)
 
 
@@ -476,4 +480,4 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, origin)) from None
+        raise ConfigError(redact(_format_validation_error(exc, origin))) from None  # no credential echoed

@@ -23,7 +23,10 @@ from genloop.stages import CACHEABLE, ORDER, stage_fn
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
+logs.install_redaction()  # credentials never reach a log record, whichever handler sends it on
 logs.hide_user_error_tracebacks()
+if logging.getLogger("genloop").level == logging.NOTSET:  # a worker's flow run: stage progress goes to Prefect
+    logging.getLogger("genloop").setLevel(logging.INFO)
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
