@@ -82,7 +82,8 @@ def test_log_records_are_masked_whatever_handler_sends_them(planted: dict[str, s
 def test_params_tags_and_json_artifacts_reaching_mlflow_are_masked(
     planted: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Params.flat() is logged as MLflow params: a sink URI with credentials in it must not be."""
+    """Params.flat() is logged as MLflow params: a source URI with credentials in it must not be
+    (sinks and the feedback store refuse credentials outright: tests/test_config.py)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -90,7 +91,7 @@ def test_params_tags_and_json_artifacts_reaching_mlflow_are_masked(
         monkeypatch.delenv(var, raising=False)
     ws = Workspace.at(tmp_path)
     sink = f"s3://{planted['AWS_ACCESS_KEY_ID']}:{planted['AWS_SECRET_ACCESS_KEY']}@canary-bucket/generated"
-    cfg = load_params(None, [f"generate.sink={sink}", "tracking.experiment=secret-drill"])
+    cfg = load_params(None, [f"collect.sources=[{{uri: '{sink}'}}]", "tracking.experiment=secret-drill"])
     assert sink in json.dumps(cfg.flat())  # the positive control: the config does hold the credentials
     with tracking.parent_run(ws, cfg) as parent:
         with tracking.stage_run(ws, cfg, "train", log_params=True) as run:
@@ -102,7 +103,7 @@ def test_params_tags_and_json_artifacts_reaching_mlflow_are_masked(
     for run_id in (parent.info.run_id, run.info.run_id):
         data = client.get_run(run_id).data
         dumped.append(json.dumps({"params": data.params, "tags": data.tags}))
-        assert data.params["generate.sink"] == "s3://***@canary-bucket/generated"
+        assert "s3://***@canary-bucket/generated" in data.params["collect.sources"]
     artifact = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="report/report.json",
                                                         dst_path=str(tmp_path / "dl")))
     dumped.append(artifact.read_text())
