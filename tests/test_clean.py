@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image, ImageDraw
 from genloop import clean, collect
 from genloop.config import Params, load_params
 from genloop.errors import StageInputMissing
+from genloop.images import normalise
 from genloop.manifest import MANIFEST_COLUMNS, read_ledger, read_manifest
 from genloop.storage import sha256_bytes
 from genloop.workspace import Workspace
@@ -313,6 +315,107 @@ def test_clean_zoo(tmp_path: Path) -> None:
     # other normalisation params: a separate cache, everything decoded again
     other = clean.run(params(src, "data.resolution=16", "data.holdout_fraction=0.5"), ws)
     assert other["decoded"] == n_raw + 1
+
+
+def animated_gif(seeds: tuple[int, ...]) -> tuple[bytes, list[Image.Image]]:
+    """A looping GIF whose frames are distinct grey noise (GIF keeps 256 grey levels losslessly)."""
+    frames = [Image.fromarray(noise(s, (64, 64)), mode="L") for s in seeds]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue(), frames
+
+
+# odd but legal file names: collected and cleaned like any other, the name kept as it was
+ODD_NAMES = ["my holiday photo (1).png", "café 猫 🐱.png", "nai\u0308ve-nfd.png", "-rf --no-preserve-root.png",
+             "  leading and trailing spaces  .png", "tab\there.png"]
+NON_UTF8 = b"latin1-\xe9t\xe9.png"  # not UTF-8: stored with \xNN escapes
+
+
+def test_clean_zoo_awkward_names_links_animations_and_s3_traversal(tmp_path: Path, s3_env: str) -> None:
+    import boto3
+
+    src = tmp_path / "src"
+    src.mkdir()
+    gif, frames = animated_gif((21, 22, 23))
+    (src / "anim.gif").write_bytes(gif)
+    odd = {name: noise_png(40 + i) for i, name in enumerate(ODD_NAMES)}
+    for name, data in odd.items():
+        (src / name).write_bytes(data)
+    non_utf8 = noise_png(60)
+    with open(os.fsencode(src) + b"/" + NON_UTF8, "wb") as f:
+        f.write(non_utf8)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = noise_png(61)
+    (outside / "secret.png").write_bytes(secret)
+    (src / "link-outside.png").symlink_to(outside / "secret.png")
+    (src / "linked-folder").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(src / "pipe.png")  # reading it would block collect forever
+
+    bucket = "clean-zoo"
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    s3.create_bucket(Bucket=bucket)
+    s3_ok = {"zoo/ok.png": noise_png(62), "zoo/ünï cødé key.png": noise_png(63)}
+    s3_escaping = {"zoo/../escape.png": noise_png(64), "zoo/sub/../../escape2.png": noise_png(65)}
+    for key, data in {**s3_ok, **s3_escaping}.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == set(s3_ok) | set(s3_escaping)
+
+    ws = Workspace.at(tmp_path / "ws")
+    s3_uri = f"s3://{bucket}/zoo"
+    cfg = params(src, f"collect.sources=['{src}', '{s3_uri}']")
+    collected = collect.run(cfg, ws)
+    n_local = 1 + len(ODD_NAMES) + 1
+    assert collected["sources"] == {str(src): {"offered": n_local, "added": n_local},
+                                    s3_uri: {"offered": len(s3_ok), "added": len(s3_ok)}}
+
+    # what was passed over is in reports/collect.json, each with its reason and source
+    rep = json.loads(ws.report("collect").read_text())
+    skipped = {d["item"]: d for d in rep["skipped"]}
+    assert set(skipped) == {str(src / "link-outside.png"), str(src / "linked-folder"), str(src / "pipe.png"),
+                            *(f"s3://{bucket}/{k}" for k in s3_escaping)}
+    assert skipped[str(src / "link-outside.png")]["reason"].startswith("symlink pointing outside the source folder")
+    assert str(outside / "secret.png") in skipped[str(src / "link-outside.png")]["reason"]
+    assert skipped[str(src / "linked-folder")]["reason"].startswith("symlinked folder")
+    assert skipped[str(src / "pipe.png")]["reason"].startswith("not a regular file")
+    for key in s3_escaping:
+        assert "escapes the prefix" in skipped[f"s3://{bucket}/{key}"]["reason"]
+        assert skipped[f"s3://{bucket}/{key}"]["source"] == s3_uri
+    assert all(skipped[str(src / n)]["source"] == str(src) for n in ("link-outside.png", "linked-folder", "pipe.png"))
+
+    # nothing from outside the source folder or the prefix reached data/raw
+    ledger = read_ledger(ws.ledger)
+    raw_bytes = {p.read_bytes() for p in ws.raw.rglob("*") if p.is_file() and p.name != "ledger.parquet"}
+    for data in (secret, *s3_escaping.values()):
+        assert sha256_bytes(data) not in set(ledger["sha256"]) and data not in raw_bytes
+    assert len(raw_bytes) == len(ledger) == n_local + len(s3_ok)
+
+    # odd names are kept exactly (non-UTF-8 bytes as \xNN escapes), with their bytes
+    original = dict(zip(ledger["original"], ledger["sha256"], strict=True))
+    expected = {**{n: sha256_bytes(d) for n, d in odd.items()}, "anim.gif": sha256_bytes(gif),
+                "latin1-\\xe9t\\xe9.png": sha256_bytes(non_utf8),
+                **{f"s3://{bucket}/{k}": sha256_bytes(d) for k, d in s3_ok.items()}}
+    assert original == expected
+
+    summary = clean.run(cfg, ws)
+    assert summary["kept"] == len(ledger) and summary["dropped"] == 0
+    manifest = read_manifest(ws.manifest).merge(
+        ledger[["sha256", "original"]].rename(columns={"sha256": "raw_sha256"}), on="raw_sha256")
+    assert set(manifest["original"]) == set(expected)
+
+    # an animated GIF: its first frame is the clean image, and the clean report says so
+    def normalised(img: Image.Image) -> np.ndarray:
+        out = normalise(encode(img), mode=cfg.data.mode, resolution=RES, max_pixels=cfg.clean.max_pixels,
+                        min_side=cfg.clean.min_side, blank_std=cfg.clean.blank_std)
+        return np.asarray(Image.open(io.BytesIO(out.png)))
+
+    got = np.asarray(open_clean(ws, manifest, "anim.gif"))
+    assert np.array_equal(got, normalised(frames[0]))
+    assert not np.array_equal(got, normalised(frames[1]))
+    assert np.abs(got.astype(int) - normalised(frames[1])).mean() > 20
+    notes = report(ws)["notes"]
+    assert [(n["original"], n["note"]) for n in notes] == [("anim.gif", "animated: 3 frames, the first frame is used")]
+    assert notes[0]["raw_sha256"] == sha256_bytes(gif) and summary["notes"] == 1
 
 
 def test_clean_rgb_mode(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ import pandas as pd
 from genloop.config import Params
 from genloop.errors import StageInputMissing
 from genloop.images import RejectedImage, normalise
-from genloop.manifest import MANIFEST_COLUMNS, read_ledger, write_table
+from genloop.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
 from genloop.progress import Progress
-from genloop.storage import atomic_dir, sha256_bytes, write_bytes_atomic, write_json_atomic
+from genloop.storage import atomic_outputs, sha256_bytes, write_bytes_atomic
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ CACHE_COLUMNS = {
     "width": "Int64",
     "height": "Int64",
     "original_mode": "string",
+    "note": "string",  # <NA> unless reading it needed a choice (an animation: its first frame)
 }
 
 
@@ -47,7 +48,9 @@ def _cache_dir(cfg: Params, ws: Workspace) -> Path:
 def _load_cache(cache: Path) -> pd.DataFrame:
     index = cache / "index.parquet"
     if index.exists():
-        return pd.read_parquet(index).astype(CACHE_COLUMNS)
+        table = pd.read_parquet(index)
+        if set(CACHE_COLUMNS) <= set(table.columns):  # an index from before a column was added: redo
+            return table[list(CACHE_COLUMNS)].astype(CACHE_COLUMNS)
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
 
 
@@ -82,6 +85,7 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, cache: Path) -> t
                     width=out.width,
                     height=out.height,
                     original_mode=out.original_mode,
+                    note=out.note,
                 )
             rows.append(row)
             bar.advance(dropped=sum(1 for r in rows if "reason" in r))
@@ -146,21 +150,23 @@ def _split(raw_sha: str, holdout_fraction: float) -> str:
     return "holdout" if int(raw_sha[:8], 16) / 0xFFFFFFFF < holdout_fraction else "train"
 
 
-def _publish(ws: Workspace, cache: Path, rows: pd.DataFrame) -> None:
-    with atomic_dir(ws.clean) as tmp:
-        for sha, name in zip(rows["raw_sha256"], rows["file"], strict=True):
-            src, dst = cache / f"{sha}.png", tmp / name
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+def _publish(cache: Path, rows: pd.DataFrame, folder: Path) -> None:
+    """Fill the (temporary) folder that becomes data/clean with the kept images."""
+    for sha, name in zip(rows["raw_sha256"], rows["file"], strict=True):
+        src, dst = cache / f"{sha}.png", folder / name
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
 
 
 def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     """Clean data/raw into data/clean + data/manifest.parquet + reports/clean.json."""
     if not ws.ledger.exists():
         raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first")
-    ledger = read_ledger(ws.ledger).sort_values("sha256").reset_index(drop=True)
+    ledger = read_ledger(ws.ledger)
+    negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
+    ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
     cache = _cache_dir(cfg, ws)
     index, processed = _process(cfg, ws, ledger, cache)
     results = ledger.merge(index, left_on="sha256", right_on="raw_sha256", how="left")
@@ -171,14 +177,14 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     kept = kept.assign(
         id=kept["raw_sha256"].str.slice(0, 16),
         mode=cfg.data.mode,
-        split=[_split(s, cfg.data.holdout_fraction) for s in kept["raw_sha256"]],
+        # generated images (source feedback:) always train: the holdout is evaluation's *real* reference
+        split=[("train" if src == FEEDBACK_SOURCE else _split(s, cfg.data.holdout_fraction))
+               for s, src in zip(kept["raw_sha256"], kept["source"], strict=True)],
     )
     kept["file"] = kept["id"] + ".png"
     kept["sha256"] = [sha256_bytes((cache / f"{s}.png").read_bytes()) for s in kept["raw_sha256"]]
     kept["width"] = cfg.data.resolution
     kept["height"] = cfg.data.resolution
-    _publish(ws, cache, kept)
-    write_table(kept, ws.manifest, MANIFEST_COLUMNS)
 
     by_sha = ledger.set_index("sha256")
     dropped = [
@@ -194,6 +200,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
         reasons[kind] = reasons.get(kind, 0) + 1
     report = {
         "raw": len(ledger),
+        "negatives_skipped": negatives,
         "kept": len(kept),
         "dropped": len(dropped),
         "dropped_by_reason": reasons,
@@ -201,8 +208,16 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
         "reused": len(ledger) - processed,
         "splits": kept["split"].value_counts().to_dict(),
         "dropped_files": sorted(dropped, key=lambda d: d["file"]),
+        # kept images read with a choice made (an animation: only its first frame is used)
+        "notes": sorted(({"raw_sha256": s, "id": i, "file": f"data/raw/{by_sha.at[s, 'file']}",
+                          "original": str(by_sha.at[s, "original"]), "note": n}
+                         for s, i, n in zip(kept["raw_sha256"], kept["id"], kept["note"], strict=True)
+                         if isinstance(n, str)), key=lambda d: d["file"]),
     }
-    write_json_atomic(ws.report("clean"), report)
+    with atomic_outputs() as out:  # data/clean, the manifest and the report: all three or none
+        _publish(cache, kept, out.folder(ws.clean))
+        conform(kept, MANIFEST_COLUMNS).to_parquet(out.file(ws.manifest), index=False)
+        out.write_json(ws.report("clean"), report)
     log.info("clean: kept %d of %d (%d dropped, %d decoded, %d reused)",
              len(kept), len(ledger), len(dropped), processed, len(ledger) - processed)
-    return {k: v for k, v in report.items() if k != "dropped_files"}
+    return {k: v for k, v in report.items() if k not in ("dropped_files", "notes")} | {"notes": len(report["notes"])}

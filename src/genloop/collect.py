@@ -22,16 +22,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from genloop import feedback_source
 from genloop.config import Params, Source
 from genloop.dvc_remote import Remote, default_remote, push
 from genloop.errors import GenloopError, RemoteError, SourceError, SourceUnreachable
-from genloop.manifest import LEDGER_COLUMNS, read_ledger, write_table
+from genloop.manifest import FEEDBACK_SOURCE, LEDGER_COLUMNS, ROLE_TRAIN, read_ledger, write_table
 from genloop.progress import Progress
 from genloop.provenance import data_version
 from genloop.storage import (
@@ -48,7 +50,8 @@ from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("builtin:mnist", "a local directory path (or file://path)", "s3://bucket/prefix")
+SCHEMES = ("builtin:mnist", "a local directory path (or file://path)", "s3://bucket/prefix",
+           "feedback: (curated images reviewers accepted, from feedback.store)")
 _EXT = re.compile(r"^\.[a-z0-9]{1,5}$")
 
 
@@ -100,22 +103,49 @@ def _local_root(uri: str) -> Path:
     return root
 
 
+# What the sources passed over, with the reason; run() lists it in reports/collect.json.
+_SKIPPED: ContextVar[list[dict[str, str]] | None] = ContextVar("genloop_collect_skipped", default=None)
+
+
+def _skip(item: str, reason: str) -> None:
+    log.warning("skipping %s: %s", item, reason)
+    skipped = _SKIPPED.get()
+    if skipped is not None:
+        skipped.append({"item": item, "reason": reason})
+
+
+def _text(path: str | Path) -> str:
+    """A file name as storable text: bytes that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _local_dir(root: Path, labels: str) -> Iterator[Item]:
     real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            if not d.startswith(".") and (here / d).is_symlink():
+                _skip(_text(here / d), "symlinked folder: not followed")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink())
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            path = Path(dirpath) / name
-            if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                log.warning("skipping %s: symlink pointing outside %s", path, root)
-                continue
+            path = here / name
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(real_root):
+                    _skip(_text(path), f"symlink pointing outside the source folder {_text(root)} "
+                                       f"(to {_text(target)}): not followed")
+                    continue
+                if not target.exists():
+                    _skip(_text(path), "broken symlink")
+                    continue
             if not path.is_file():
+                _skip(_text(path), "not a regular file (a pipe, socket or device)")
                 continue
             rel = path.relative_to(root).as_posix()
-            label = path.parent.name if labels == "folder" and path.parent != root else None
-            yield Item(original=rel, data=path.read_bytes(), label=label)
+            label = _text(path.parent.name) if labels == "folder" and path.parent != root else None
+            yield Item(original=_text(rel), data=path.read_bytes(), label=label)
 
 
 def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
@@ -132,7 +162,7 @@ def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
                     continue
                 rel = key[len(prefix) :].lstrip("/")
                 if ".." in PurePosixPath(rel).parts:
-                    log.warning("skipping s3://%s/%s: key escapes the prefix", bucket, key)
+                    _skip(f"s3://{bucket}/{key}", f"key escapes the prefix s3://{bucket}/{prefix} (a '..' segment)")
                     continue
                 data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
                 parent = PurePosixPath(rel).parent.name
@@ -145,11 +175,15 @@ def _s3_prefix(uri: str, labels: str) -> Iterator[Item]:
         raise error(describe_s3_failure(uri, exc)) from exc
 
 
-def iter_source(source: Source) -> Iterator[Item]:
-    """The files a source offers, in a stable order."""
+def iter_source(source: Source, cfg: Params | None = None, ws: Workspace | None = None) -> Iterator[Item]:
+    """The files a source offers, in a stable order (`feedback:` needs the params and workspace)."""
     uri = source.uri
     if uri == "builtin:mnist":
         items = _builtin_mnist()
+    elif uri == FEEDBACK_SOURCE:
+        if cfg is None or ws is None:
+            raise SourceError("the feedback: source reads feedback.store of a workspace: pass cfg and ws")
+        items = feedback_source.iter_accepted(cfg, ws)
     elif uri.startswith("s3://"):
         items = _s3_prefix(uri, source.labels)
     elif uri.startswith("file://") or ":" not in uri.split("/")[0]:
@@ -219,15 +253,21 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     rows: list[dict[str, object]] = []
     per_source: dict[str, dict[str, int]] = {}
     for source in cfg.collect.sources:
-        iter_source(source)  # fails fast on a bad scheme or a missing folder, before any work
+        iter_source(source, cfg, ws)  # fails fast on a bad scheme or a missing folder, before any work
+    feedback = next((s for s in cfg.collect.sources if s.uri == FEEDBACK_SOURCE), None)
+    intake: feedback_source.Intake | None = None
     if cfg.collect.dvc_add:
         _require_dvc_repo(ws)
     remote = _push_remote(cfg, ws)
     staging_root = ws.cache / "collect-staging"
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="run-", dir=staging_root))
+    skipped: list[dict[str, str]] = []
+    skipping = _SKIPPED.set(skipped)
     try:
         for source in cfg.collect.sources:
+            if source.uri == FEEDBACK_SOURCE:
+                continue  # after every other source: its cap is a share of the final corpus
             counts = {"offered": 0, "added": 0}
             with Progress(f"collect {source.uri}", source.limit or None, "files") as bar:
                 for item in iter_source(source):
@@ -248,18 +288,30 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
                                 "label": item.label,
                                 "collected_at": now,
                                 "provenance": json.dumps(item.provenance, sort_keys=True),
+                                "role": ROLE_TRAIN,
                             }
                         )
                     bar.advance(added=counts["added"])
             per_source[source.uri] = counts
+            for entry in skipped:
+                entry.setdefault("source", source.uri)
             log.info("collect %s: %d offered, %d new", source.uri, counts["offered"], counts["added"])
+        if feedback is not None:  # accepted images up to the cap; rejected ones as negatives
+            intake = feedback_source.intake(cfg, ws, feedback, ledger, rows, now)
+            for row, data in intake.new:
+                (staging / str(row["file"])).parent.mkdir(parents=True, exist_ok=True)
+                (staging / str(row["file"])).write_bytes(data)
+                rows.append(row)
+            ledger = intake.ledger
+            per_source[FEEDBACK_SOURCE] = intake.counts
         # every source was read: publish the files, then the ledger that names them
         for row in rows:
             _move_into(staging / str(row["file"]), ws.raw / str(row["file"]))
-        if rows or not ws.ledger.exists():
+        if rows or not ws.ledger.exists() or (intake is not None and intake.changed):
             table = pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if rows else ledger
             write_table(table, ws.ledger, LEDGER_COLUMNS)
     finally:
+        _SKIPPED.reset(skipping)
         shutil.rmtree(staging, ignore_errors=True)
     if cfg.collect.dvc_add:
         dvc_add(ws)
@@ -272,6 +324,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
         "data_version": data_version(ws),
         "dvc_remote": remote.url if remote else None,
         "pushed": remote is not None,
+        "skipped": skipped,  # files a source offered that were not collected, each with the reason
+        **({"feedback": intake.report} if intake is not None else {}),
     }
     write_json_atomic(ws.report("collect"), summary)
     return summary

@@ -23,6 +23,7 @@ class Normalised:
     width: int  # of the original image
     height: int
     original_mode: str
+    note: str | None = None  # how the image was read, when that is not obvious (animation)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -54,6 +55,12 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Fully decode `data`, or raise RejectedImage with the reason."""
+    return decode_frames(data, max_pixels)[0]
+
+
+def decode_frames(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
+    """Fully decode the first frame of `data` (the only one of a still image); returns it and
+    the number of frames, or raises RejectedImage with the reason."""
     if not data:
         raise RejectedImage("empty file (0 bytes)")
     try:
@@ -65,10 +72,11 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
                 raise RejectedImage(
                     f"decompression bomb: {w}x{h} = {w * h} pixels > clean.max_pixels={max_pixels}"
                 )
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # animated images: the first frame is used
+            frames = int(getattr(img, "n_frames", 1))
+            if frames > 1:
+                img.seek(0)  # animated images (GIF, APNG, WebP, multi-page TIFF): the first frame is used
             img.load()
-            return ImageOps.exif_transpose(img)
+            return ImageOps.exif_transpose(img), frames
     except RejectedImage:
         raise
     except UnidentifiedImageError:
@@ -85,7 +93,7 @@ def normalise(
     """Decode, convert, square-crop, resize and re-encode an image without metadata."""
     import imagehash
 
-    img = decode(data, max_pixels)
+    img, frames = decode_frames(data, max_pixels)
     width, height = img.size
     original_mode = img.mode
     if min(width, height) < min_side:
@@ -107,6 +115,7 @@ def normalise(
         width=width,
         height=height,
         original_mode=original_mode,
+        note=f"animated: {frames} frames, the first frame is used" if frames > 1 else None,
     )
 
 

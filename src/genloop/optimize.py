@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from genloop import tracking
+from genloop import autotune, tracking
 from genloop.config import Params
 from genloop.dataset import load_split
 from genloop.errors import StageInputMissing
@@ -96,6 +96,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
                               if isinstance(v, int | float) and not isinstance(v, bool)})
         if (target / "grid.png").exists():
             tracking.log_artifact(target / "grid.png", "curated")
+        # this iteration becomes a trial of the tuning study; its proposal: reports/next_params.yaml
+        summary["autotune"] = autotune.step(cfg, ws)
     write_json_atomic(ws.report("optimize"), summary)
     log.info("optimize: kept %d of %d (%d near-copies dropped) in %s",
              len(kept), len(scores), summary["near_copies_dropped"], target)

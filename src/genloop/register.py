@@ -6,6 +6,12 @@ better than the current champion by more than the metric's bootstrap noise, both
 with the same extractor, samples and seeds. The decision, its numbers and reason go to
 reports/gate.json, the version's tags and the register run; the replaced champion keeps
 the `previous-champion` alias and the champion history is kept as a registered-model tag.
+
+Order, so that an MLflow server dying mid-stage leaves nothing half-made: the model's files
+are uploaded first; the version is then created from them with all its tags in one call
+(tag `genloop.registration=pending`); the aliases move; the tag becomes `complete`. A rerun
+that finds a pending version of the same weights finishes it (aliases, from the decision
+recorded on it) instead of registering the weights a second time.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from genloop.grids import side_by_side
 from genloop.models import GeneratorSpec, load_generator, sample
 from genloop.provenance import data_version, git_commit
 from genloop.reference import load_reference
-from genloop.storage import read_json, sha256_file, write_json_atomic
+from genloop.storage import atomic_outputs, read_json, sha256_file
 from genloop.workspace import Workspace
 
 log = logging.getLogger(__name__)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_generator.py")
 TAGGED_METRICS = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall")
+REGISTRATION_TAG = "genloop.registration"  # pending (aliases not yet set) | complete | duplicate of <v>
 
 
 def _signature(spec: GeneratorSpec) -> Any:
@@ -46,7 +53,8 @@ def _signature(spec: GeneratorSpec) -> Any:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def _already_registered(ws: Workspace, name: str, version: str, metric: str, score: float) -> dict[str, Any]:
+def _already_registered(ws: Workspace, name: str, version: str, metric: str, score: float,
+                        reason: str | None = None) -> dict[str, Any]:
     """The summary for weights that an earlier run registered already: no second version."""
     champ = tracking.get_alias_version(name, "champion")
     champion_version = str(champ.version) if champ else None
@@ -57,7 +65,7 @@ def _already_registered(ws: Workspace, name: str, version: str, metric: str, sco
         "champion_version": champion_version,
         "champion_uri": f"models:/{name}@champion",
         "promoted": champion_version == version,
-        "reason": f"these weights are version {version} already; aliases left as they are",
+        "reason": reason or f"these weights are version {version} already; aliases left as they are",
         "metric": metric,
         "score": score,
         "champion_score_before": None,
@@ -65,8 +73,9 @@ def _already_registered(ws: Workspace, name: str, version: str, metric: str, sco
         "tracking_uri": tracking.tracking_uri(ws),
         "reused": True,
     }
-    write_json_atomic(ws.report("register"), summary)
-    write_json_atomic(ws.report("gate"), {"passed": None, "reason": summary["reason"], "version": version})
+    with atomic_outputs() as out:
+        out.write_json(ws.report("register"), summary)
+        out.write_json(ws.report("gate"), {"passed": None, "reason": summary["reason"], "version": version})
     log.info("register: %s version %s holds these weights already; nothing registered", name, version)
     return summary
 
@@ -102,8 +111,6 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     Weights registered before (same sha256) are not registered again: the summary names
     the existing version and no alias moves.
     """
-    import mlflow
-
     if not ws.report("eval").exists():
         raise StageInputMissing(f"{ws.report('eval')} not found: run `genloop evaluate` first")
     evaluation = read_json(ws.report("eval"))
@@ -114,9 +121,50 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     metric = cfg.register_.metric
     score = float(evaluation[metric])
     tracking.configure(ws, cfg)
-    existing = tracking.find_version(name, WEIGHTS_TAG, evaluation["generator_sha256"])
-    if existing is not None:
-        return _already_registered(ws, name, str(existing.version), metric, score)
+    with tracking.server_errors(ws, f"registering model {name!r}"):
+        return _register(cfg, ws, evaluation, spec, name, metric, score)
+
+
+def _set_aliases(name: str, version: str, promote: bool, reason: str) -> None:
+    """`challenger` (and `champion` when the gate passed); then the version is complete."""
+    tracking.set_alias(name, "challenger", version)
+    if promote:
+        registry.promote(name, version, reason)
+    tracking.tag_version(name, version, {REGISTRATION_TAG: "complete"})
+
+
+def _resume(ws: Workspace, name: str, pending: list[Any], metric: str, score: float) -> dict[str, Any]:
+    """Finish the newest pending version of these weights (a run stopped after creating it):
+    set its aliases from the gate decision recorded on it; the others are duplicates."""
+    version = pending[-1]
+    v, tags = str(version.version), dict(version.tags)
+    champion = registry.champion_version(name)
+    promote = registry.passed_gate(tags) and champion != v
+    reason = tags.get("genloop.gate.reason") or tags.get("genloop.decision") or ""
+    if promote and champion != tags.get("genloop.gate.champion_version"):
+        promote = False  # the champion changed since the gate ran: its decision no longer holds
+        reason = f"not promoted: the champion is version {champion} now, not the one the gate compared with"
+    _set_aliases(name, v, promote, reason)
+    for other in pending[:-1]:
+        tracking.tag_version(name, other.version, {REGISTRATION_TAG: f"duplicate of {v}"})
+    log.warning("register: finished version %s of %s, which an interrupted run created", v, name)
+    return _already_registered(ws, name, v, metric, score,
+                               f"completed version {v}, created by an interrupted run: {reason}")
+
+
+def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: GeneratorSpec, name: str,
+              metric: str, score: float) -> dict[str, Any]:
+    import mlflow
+
+    versions = tracking.find_versions(name, WEIGHTS_TAG, evaluation["generator_sha256"])
+    done = [v for v in versions if v.tags.get(REGISTRATION_TAG, "complete") == "complete"]
+    pending = [v for v in versions if v.tags.get(REGISTRATION_TAG) == "pending"]
+    if done:
+        for other in pending:
+            tracking.tag_version(name, other.version, {REGISTRATION_TAG: f"duplicate of {done[-1].version}"})
+        return _already_registered(ws, name, str(done[-1].version), metric, score)
+    if pending:
+        return _resume(ws, name, pending, metric, score)
     gate, comparison_grid = _run_gate(cfg, ws, name)
     promote = gate["passed"]
     with tracking.stage_run(ws, cfg, "register") as run:
@@ -126,11 +174,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             artifacts={"weights": str(ws.generator), "spec": str(ws.generator.with_suffix(".json"))},
             signature=_signature(spec),
             input_example=pd.DataFrame({"n": [2], "seed": [0]}),
-            registered_model_name=name,
             pip_requirements=[f"genloop=={__import__('genloop').__version__}", "torch", "numpy", "pandas"],
-        )
-        version = str(info.registered_model_version)
-        gate["challenger"]["version"] = version
+        )  # the files first: a version is only ever created from uploaded files
         comparison = gate["comparison"] or {}
         tags = {
             "genloop.data_version": data_version(ws),
@@ -148,11 +193,11 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             "genloop.gate.champion_version": (gate["champion"] or {}).get("version"),
             **{f"genloop.gate.{k}": round(comparison[k], 6) for k in ("delta", "delta_low", "delta_high")
                if k in comparison},
+            REGISTRATION_TAG: "pending",
         }
-        tracking.tag_version(name, version, tags)
-        tracking.set_alias(name, "challenger", version)
-        if promote:
-            registry.promote(name, version, gate["reason"])
+        version = tracking.create_version(name, info.model_uri, tags)  # with its tags, in one call
+        gate["challenger"]["version"] = version
+        _set_aliases(name, version, promote, gate["reason"])
         tracking.tag_run({"genloop.model_version": version, "genloop.promoted": promote})
         tracking.log_metrics({metric: score} | {f"gate_{k}": comparison[k] for k in ("delta", "delta_low", "delta_high")
                                                 if k in comparison})
@@ -179,8 +224,9 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "tracking_uri": tracking.tracking_uri(ws),
         "reused": False,
     }
-    write_json_atomic(ws.report("gate"), gate)
-    write_json_atomic(ws.report("register"), summary)
+    with atomic_outputs() as out:  # both reports or neither
+        out.write_json(ws.report("gate"), gate)
+        out.write_json(ws.report("register"), summary)
     log.info("register: %s version %s (%s; %s)", name, version, "champion" if promote else "challenger",
              gate["reason"])
     return summary

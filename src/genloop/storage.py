@@ -7,7 +7,9 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -34,14 +36,100 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Temporary files and folders are named .<name>.<pid>@<host>-<random>.tmp beside their target:
+# one left by a process that died (SIGKILL, power loss) is recognised and removed later.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)@(?P<host>[0-9a-f]{6})-[^/]*\.tmp$")
+_swept: set[Path] = set()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders in `folder` that processes of this host, now dead,
+    left behind (a run killed mid-write); return them. Each folder is swept once per process."""
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _swept:
+        return []
+    _swept.add(key)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        m = _STALE.match(entry.name)
+        if m and m["host"] == _HOST and not _alive(int(m["pid"])):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d temporary files left in %s by runs that died: %s", len(removed), folder,
+                 ", ".join(p.name for p in removed[:5]))
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}@{_HOST}-"
+
+
+def temp_file(path: Path) -> Path:
+    """A new empty temporary file beside `path` (same folder: renaming it over `path` is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def temp_dir(path: Path) -> Path:
+    """A new empty temporary folder beside the folder `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path.parent)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():  # a swap was interrupted: the old folder is the current one
+        os.replace(old, path)
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+
+
+def _swap_dir(tmp: Path, path: Path) -> None:
+    """Put the folder `tmp` in the place of `path` (two renames; the old one is then deleted)."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _discard(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_file(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -76,20 +164,62 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     The previous folder stays intact until the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.with_name(f".{path.name}.old")
+    tmp = temp_dir(path)
     try:
         yield tmp
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Outputs:
+    """The outputs of one stage, staged beside their final paths by `atomic_outputs`."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[Path, Path]] = []  # (temporary, final), in publishing order
+
+    def file(self, path: Path) -> Path:
+        """A temporary path to write the file `path` to."""
+        tmp = temp_file(path)
+        self.staged.append((tmp, Path(path)))
+        return tmp
+
+    def folder(self, path: Path) -> Path:
+        """A temporary folder to build the folder `path` in."""
+        tmp = temp_dir(path)
+        self.staged.append((tmp, Path(path)))
+        return tmp
+
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        with open(self.file(path), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+@contextmanager
+def atomic_outputs() -> Iterator[Outputs]:
+    """Stage several files and folders, and publish them together when the block succeeds.
+
+    Everything is written first (a full disk or any error leaves every previous output as it
+    was, and no temporary file behind); publishing is renames only, in the order staged.
+    """
+    out = Outputs()
+    try:
+        yield out
+        for tmp, final in out.staged:
+            if tmp.is_dir():
+                _swap_dir(tmp, final)
+            else:
+                os.replace(tmp, final)
+    finally:
+        for tmp, _ in out.staged:
+            if tmp.exists():
+                _discard(tmp)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -154,10 +284,38 @@ def describe_s3_failure(uri: str, exc: BaseException | str, action: str = "read"
     )
 
 
+def s3_key_problem(path: str) -> str | None:
+    """Why `path` (slash-separated segments appended to an S3 prefix) could name a key outside
+    that prefix, or one a client might resolve elsewhere; None when every segment is plain."""
+    if not path:
+        return "it is empty"
+    if path.startswith("/"):
+        return "it starts with '/'"
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            return f"segment {segment!r} is {'empty' if not segment else 'a relative path step'}"
+        if "\\" in segment:
+            return f"segment {segment!r} holds a backslash"
+        if any(ord(c) < 32 or ord(c) == 127 for c in segment):
+            return f"segment {segment!r} holds a control character"
+    return None
+
+
 def join_s3_uri(base: str, *parts: str) -> str:
-    """`base` (s3://bucket[/prefix][/]) with `parts` appended as path segments."""
-    parse_s3_uri(base)
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    """`base` (s3://bucket[/prefix][/]) with `parts` appended as path segments.
+
+    A part (a model version, a file name) that could step out of `base`'s prefix (`..`, a
+    leading `/`, a backslash, an empty segment) raises GenloopError naming it.
+    """
+    _, prefix = parse_s3_uri(base)
+    if prefix.strip("/") and (problem := s3_key_problem(prefix.strip("/"))):
+        raise GenloopError(f"S3 prefix {base!r} is not usable: {problem}")
+    for part in parts:
+        part = str(part)
+        if problem := s3_key_problem(part.rstrip("/") if part.strip("/") else part):
+            raise GenloopError(f"{part!r} cannot be appended to {base!r}: {problem} (it could name a key outside "
+                               "the prefix)")
+    return "/".join([base.rstrip("/"), *(str(p).rstrip("/") for p in parts)])
 
 
 def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
@@ -204,7 +362,13 @@ def upload_dir(
     prefix = prefix.strip("/")
     if not prefix:
         raise SinkError(f"upload_dir mirrors a folder under a prefix; {s3_uri!r} names the whole bucket")
+    if problem := s3_key_problem(prefix):
+        raise SinkError(f"cannot upload {local} to {s3_uri}: the prefix is not usable: {problem}")
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for rel in files:  # a file name becomes part of a key: it must not step out of the prefix
+        if problem := s3_key_problem(rel):
+            raise SinkError(f"cannot upload {local} to {s3_uri}: file {rel!r} would not stay under the prefix "
+                            f"({problem}); nothing was uploaded")
     tail = [rel for rel in last if rel in files]
     body = [rel for rel in files if rel not in tail]
     key = {rel: f"{prefix}/{rel}" for rel in files}

@@ -17,6 +17,7 @@ from typing import Any
 
 from genloop.config import Params
 from genloop.errors import Unreachable
+from genloop.logs import redact, redact_obj
 from genloop.provenance import data_version, git_commit
 from genloop.workspace import Workspace
 
@@ -45,7 +46,7 @@ def tracking_uri(ws: Workspace) -> str:
 
 def ui_command(ws: Workspace) -> str:
     """The command that opens the MLflow UI on this workspace's runs."""
-    uri = tracking_uri(ws)
+    uri = redact(tracking_uri(ws))  # printed and published: never the credentials of a URI
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {ws.mlflow_artifacts.as_uri()}"
@@ -53,7 +54,7 @@ def ui_command(ws: Workspace) -> str:
 
 def run_link(ws: Workspace, run: Any) -> str:
     """A URL of the run's page in the MLflow UI (the tracking server's, or `mlflow ui`'s default)."""
-    uri = tracking_uri(ws)
+    uri = redact(tracking_uri(ws))
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
@@ -83,7 +84,7 @@ def configure(ws: Workspace, cfg: Params) -> str:
             exp_id = exp.experiment_id
     except Exception as exc:  # MlflowException, requests errors: all mean "tracking unusable"
         raise Unreachable(
-            f"MLflow tracking at {uri} is not reachable ({exc.__class__.__name__}: {exc}). "
+            f"MLflow tracking at {redact(uri)} is not reachable ({exc.__class__.__name__}: {redact(str(exc))}). "
             "Start the server or fix MLFLOW_TRACKING_URI."
         ) from exc
     mlflow.set_experiment(experiment_id=exp_id)
@@ -116,18 +117,93 @@ def provenance_tags(ws: Workspace, cfg: Params, stage: str) -> dict[str, str]:
     return tags
 
 
+def server_failure(exc: BaseException) -> bool:
+    """Whether `exc` says the tracking server did not answer, or failed (not: it refused a request)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    return isinstance(exc, MlflowException) and str(exc.message).startswith("API request to")
+
+
+@contextmanager
+def server_errors(ws: Workspace, doing: str) -> Iterator[None]:
+    """Turn a tracking server that stops answering mid-stage into Unreachable naming its URI."""
+    try:
+        yield
+    except Unreachable:
+        raise
+    except Exception as exc:
+        if not server_failure(exc):
+            raise
+        detail = redact(str(exc))
+        detail = detail if len(detail) <= 400 else detail[:400] + "..."
+        raise Unreachable(
+            f"MLflow tracking at {redact(tracking_uri(ws))} stopped answering while {doing} "
+            f"({exc.__class__.__name__}: {detail}). Start the server or fix MLFLOW_TRACKING_URI, then rerun."
+        ) from exc
+
+
+def safe_values(values: dict[str, Any]) -> dict[str, str]:
+    """Params or tags as MLflow stores them (strings), with credentials masked: the userinfo of
+    any URI (s3://key:secret@..., https://user:password@...) and the values of credential
+    variables in the environment (genloop.logs.redact). Every param and tag goes through here."""
+    return {k: redact(str(v)) for k, v in values.items()}
+
+
 @contextmanager
 def stage_run(ws: Workspace, cfg: Params, stage: str, log_params: bool = False) -> Iterator[Any]:
-    """An MLflow run for one stage, nested under the loop's parent run when there is one."""
+    """An MLflow run for one stage, nested under the loop's parent run when there is one.
+
+    A tracking server that stops answering during the stage is an Unreachable error naming it."""
     import mlflow
 
     configure(ws, cfg)
     parent = os.environ.get(PARENT_RUN_ENV)
-    with mlflow.start_run(run_name=stage, parent_run_id=parent or None, nested=bool(parent)) as run:
-        mlflow.set_tags(provenance_tags(ws, cfg, stage))
+    with server_errors(ws, f"tracking the {stage} stage"), \
+            mlflow.start_run(run_name=stage, parent_run_id=parent or None, nested=bool(parent)) as run:
+        mlflow.set_tags(safe_values(provenance_tags(ws, cfg, stage)))
         if log_params:
-            mlflow.log_params(cfg.flat())
+            mlflow.log_params(safe_values(cfg.flat()))
         yield run
+
+
+def iteration_tags(ws: Workspace, run: Any, name: str = "loop") -> dict[str, str]:
+    """Link a loop parent run to the one before it: `genloop.iteration` (1, 2, ...: one more than
+    the previous loop run's, or than the number of earlier loop runs in the experiment), and the
+    previous run's id, URL and data version (beside this run's `genloop.data_version`)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment, me = run.info.experiment_id, run.info.run_id
+    where = f"tags.`genloop.stage` = '{name}'"
+    recent = client.search_runs([experiment], where, order_by=["attributes.start_time DESC"], max_results=5)
+    previous = next((r for r in recent if r.info.run_id != me), None)
+    if previous is None:
+        return {"genloop.iteration": "1", "mlflow.note.content": f"Loop iteration 1 (data version {data_version(ws)})."}
+    tagged = previous.data.tags.get("genloop.iteration", "")
+    if tagged.isdigit():
+        iteration = int(tagged) + 1
+    else:  # earlier runs without the tag: count them
+        count, token = 0, None
+        while True:
+            page = client.search_runs([experiment], where, max_results=1000, page_token=token)
+            count += sum(1 for r in page if r.info.run_id != me)
+            token = page.token
+            if not token:
+                break
+        iteration = count + 1
+    link = run_link(ws, previous)
+    before = previous.data.tags.get("genloop.data_version", "unknown")
+    return {
+        "genloop.iteration": str(iteration),
+        "genloop.previous_run_id": previous.info.run_id,
+        "genloop.previous_run_url": link,
+        "genloop.previous_data_version": before,
+        "mlflow.note.content": f"Loop iteration {iteration}. Previous iteration: [{previous.info.run_id}]({link}) "
+        f"(data version {before} -> {data_version(ws)}).",
+    }
 
 
 @contextmanager
@@ -137,8 +213,9 @@ def parent_run(ws: Workspace, cfg: Params, name: str = "loop") -> Iterator[Any]:
 
     configure(ws, cfg)
     with mlflow.start_run(run_name=name) as run:
-        mlflow.set_tags(provenance_tags(ws, cfg, name))
-        mlflow.log_params(cfg.flat())
+        mlflow.set_tags(safe_values(provenance_tags(ws, cfg, name)))
+        mlflow.set_tags(safe_values(iteration_tags(ws, run, name)))
+        mlflow.log_params(safe_values(cfg.flat()))
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:
@@ -203,7 +280,7 @@ def log_image(image: Any, artifact_file: str) -> None:
 def log_json(obj: dict[str, Any], artifact_file: str) -> None:
     import mlflow
 
-    mlflow.log_dict(obj, artifact_file)
+    mlflow.log_dict(redact_obj(obj), artifact_file)
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
@@ -215,6 +292,15 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 # --- registry -------------------------------------------------------------------------
 
 
+# What the registry answers for a model, version or alias that does not exist. Anything else
+# (the server down, a 5xx) is raised: "no champion" must never stand in for "no answer".
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _absent(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in _ABSENT and not server_failure(exc)
+
+
 def get_alias_version(name: str, alias: str) -> Any | None:
     """The model version an alias points to, or None when the model or alias is absent."""
     from mlflow.exceptions import MlflowException
@@ -222,20 +308,39 @@ def get_alias_version(name: str, alias: str) -> Any | None:
 
     try:
         return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _absent(exc):
+            return None
+        raise
 
 
-def find_version(name: str, tag: str, value: str) -> Any | None:
-    """The newest version of model `name` whose tag `tag` equals `value`, or None."""
+def find_versions(name: str, tag: str, value: str) -> list[Any]:
+    """Every version of model `name` whose tag `tag` equals `value`, oldest first."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
         found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
-    except MlflowException:
-        return None
-    return max(found, key=lambda v: int(v.version), default=None)
+    except MlflowException as exc:
+        if _absent(exc):
+            return []
+        raise
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def find_version(name: str, tag: str, value: str) -> Any | None:
+    """The newest version of model `name` whose tag `tag` equals `value`, or None."""
+    found = find_versions(name, tag, value)
+    return found[-1] if found else None
+
+
+def create_version(name: str, model_uri: str, tags: dict[str, Any]) -> str:
+    """Register the logged model `model_uri` as a new version of `name` (created when absent),
+    with `tags` set in the same call; returns the version number."""
+    import mlflow
+
+    values = {k: str(v) for k, v in tags.items() if v is not None}
+    return str(mlflow.register_model(model_uri, name, tags=values).version)
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:
@@ -250,7 +355,7 @@ def tag_version(name: str, version: str | int, tags: dict[str, Any]) -> None:
     client = MlflowClient()
     for k, v in tags.items():
         if v is not None:
-            client.set_model_version_tag(name, str(version), k, str(v))
+            client.set_model_version_tag(name, str(version), k, redact(str(v)))
 
 
 def version_tags(name: str, version: str | int) -> dict[str, str]:
@@ -262,7 +367,28 @@ def version_tags(name: str, version: str | int) -> dict[str, str]:
 def tag_run(tags: dict[str, Any]) -> None:
     import mlflow
 
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    mlflow.set_tags(safe_values(tags))
+
+
+def log_params(values: dict[str, Any]) -> None:
+    import mlflow
+
+    if values:
+        mlflow.log_params(safe_values(values))
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """The tags of a run."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    """The params logged to a run."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient().get_run(run_id).data.params)
 
 
 def log_metrics(values: dict[str, float], step: int | None = None) -> None:
@@ -292,8 +418,10 @@ def get_version(name: str, version: str | int) -> Any | None:
 
     try:
         return MlflowClient().get_model_version(name, str(version))
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _absent(exc):
+            return None
+        raise
 
 
 def version_numbers(name: str) -> list[int]:
@@ -303,8 +431,10 @@ def version_numbers(name: str) -> list[int]:
 
     try:
         return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
-    except MlflowException:
-        return []
+    except MlflowException as exc:
+        if _absent(exc):
+            return []
+        raise
 
 
 def delete_alias(name: str, alias: str) -> None:
@@ -323,4 +453,4 @@ def model_tags(name: str) -> dict[str, str]:
 def tag_model(name: str, key: str, value: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient().set_registered_model_tag(name, key, value)
+    MlflowClient().set_registered_model_tag(name, key, redact(str(value)))

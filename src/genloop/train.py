@@ -25,7 +25,7 @@ from genloop.config import Params
 from genloop.dataset import ImageSet, load_split, to_unit
 from genloop.device import Runtime, runtime
 from genloop.grids import make_grid
-from genloop.models import GeneratorSpec, family, sample, save_generator
+from genloop.models import GeneratorSpec, family, load_torch_file, sample, save_generator
 from genloop.progress import Progress
 from genloop.provenance import data_version
 from genloop.storage import atomic_path, read_json, sha256_bytes, write_json_atomic, write_text_atomic
@@ -111,8 +111,12 @@ def _save_checkpoint(path: Path, trainer: Any, ema: AveragedModel, state: dict[s
         torch.save(payload, tmp)
 
 
+CHECKPOINT_KEYS = ("modules", "optimizers", "ema", "torch_rng", "cuda_rng", "step", "epoch_rng_state")
+
+
 def _load_checkpoint(path: Path, trainer: Any, ema: AveragedModel) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch_file(path, "training checkpoint", keys=CHECKPOINT_KEYS,
+                              fix="Delete it to train from step 0 (or set train.resume=never).")
     for k, m in trainer.modules().items():
         distributed.unwrap(m).load_state_dict(payload["modules"][k])
     for k, o in trainer.optimizers().items():
