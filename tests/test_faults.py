@@ -803,3 +803,20 @@ def test_mlflow_dying_mid_register_leaves_no_orphan_version(
 
 def summary_weights(ws: Workspace) -> str:
     return str(json.loads(ws.report("eval").read_text())["generator_sha256"])
+
+
+def test_published_outputs_get_the_usual_modes_not_private_temp_modes(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files: a report or data folder published from one must still be readable by the team."""
+    import stat
+
+    from genloop.storage import atomic_dir, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "reports" / "x.json", {"a": 1})
+        with atomic_dir(tmp_path / "data" / "clean") as d:
+            (d / "f.png").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "reports" / "x.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "data" / "clean").stat().st_mode) == 0o755

@@ -104,9 +104,7 @@ def test_collect_killed_while_staging_and_during_dvc_add_then_rerun(tmp_path: Pa
                             env=env, capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.strip() in ("{}", ""), status.stdout + status.stderr
     assert temp_leftovers(ws.raw) == []
-    leftover_staging = [p.name for p in staging.iterdir()] if staging.exists() else []
-    print(f"\n[SIGKILL collect] killed mid-staging and mid-`dvc add`; rerun: 800 rows, 0 lost, 0 doubled; "
-          f"staging folders of killed runs left in .genloop/cache/collect-staging: {len(leftover_staging)}")
+    assert [p.name for p in staging.iterdir()] == []  # the killed runs' staging folders were removed
 
 
 def kill_at_replace(target: Path) -> list[str]:

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from genloop.storage import (
     parse_s3_uri,
     s3_client,
     sha256_bytes,
+    temp_dir,
     transient_s3,
     write_bytes_atomic,
     write_json_atomic,
@@ -261,7 +261,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     remote = _push_remote(cfg, ws)
     staging_root = ws.cache / "collect-staging"
     staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="run-", dir=staging_root))
+    staging = temp_dir(staging_root / "run")  # also removes the staging folders of runs that died
     skipped: list[dict[str, str]] = []
     skipping = _SKIPPED.set(skipped)
     try:

@@ -82,6 +82,17 @@ def sweep_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp make private (0600/0700) entries: published outputs get the usual modes
+_FILE_MODE = 0o666 & ~_process_umask()
+_DIR_MODE = 0o777 & ~_process_umask()
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}@{_HOST}-"
 
@@ -92,6 +103,7 @@ def temp_file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     return Path(tmp)
 
@@ -104,7 +116,9 @@ def temp_dir(path: Path) -> Path:
     old = path.with_name(f".{path.name}.old")
     if old.exists() and not path.exists():  # a swap was interrupted: the old folder is the current one
         os.replace(old, path)
-    return Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp.chmod(_DIR_MODE)
+    return tmp
 
 
 def _swap_dir(tmp: Path, path: Path) -> None:
