@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -354,3 +356,56 @@ def test_upload_dir_refuses_a_prefix_with_relative_steps(tmp_path: Path) -> None
     (tmp_path / "7").mkdir()
     with pytest.raises(SinkError, match="not usable: segment '..'"):
         upload_dir(tmp_path / "7", "s3://bucket/runs/../7")
+
+
+MALICIOUS_CODE = """
+import pathlib
+pathlib.Path({marker!r}).touch()  # runs if anyone executes the model's stored code
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Evil(PythonModel):
+    def predict(self, context, model_input, params=None):
+        pathlib.Path({marker!r}).touch()
+        return []
+
+
+mlflow.models.set_model(Evil())
+"""
+
+
+def test_the_model_code_stored_in_the_registry_is_never_run(
+    prepared: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading a registered generator (generate, the gate) uses genloop's installed code and only the
+    weights artifact: a model whose stored Python file was replaced runs nothing."""
+    import mlflow
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "GENLOOP_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    ws, cfg = _workspace_copy(prepared, tmp_path / "ws")
+    marker = tmp_path / "pwned-by-code"
+    code = tmp_path / "evil_model.py"
+    code.write_text(MALICIOUS_CODE.format(marker=str(marker)))
+    name = cfg.register_.model_name
+    tracking.configure(ws, cfg)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="generator", python_model=str(code), registered_model_name=name,
+            artifacts={"weights": str(ws.generator), "spec": str(ws.generator.with_suffix(".json"))},
+            pip_requirements=["torch"],
+        )
+    marker.unlink(missing_ok=True)  # log_model itself imports the file once, in this test's process
+    version = str(info.registered_model_version)
+    tracking.set_alias(name, "champion", version)
+    model = tracking.load_model(name, version)
+    images = model.predict(pd.DataFrame({"n": [4], "seed": [0]}))
+    assert images.shape[0] == 4 and images.dtype == np.uint8
+    assert tracking.load_model(name, "@champion").unwrap_python_model().spec == model.unwrap_python_model().spec
+    summary = generate.run(cfg, ws)
+    assert summary["n"] == cfg.generate.n and summary["model_version"] == version
+    assert not marker.exists()
+    # the control: MLflow's own loader does run the stored code
+    mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    assert marker.exists()

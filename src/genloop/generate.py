@@ -29,9 +29,7 @@ GENERATED_COLUMNS = ["file", "seed", "index", "label", "model_name", "model_vers
 
 
 def load_champion(cfg: Params, ws: Workspace) -> tuple[Any, str]:
-    """The champion pyfunc model and its version number."""
-    import mlflow
-
+    """The champion (run by genloop's own code, never the model's stored code) and its version number."""
     tracking.configure(ws, cfg)
     name = cfg.register_.model_name
     with tracking.server_errors(ws, f"loading the champion of model {name!r}"):
@@ -40,7 +38,7 @@ def load_champion(cfg: Params, ws: Workspace) -> tuple[Any, str]:
             raise GenloopError(
                 f"model {name!r} has no 'champion' alias at {tracking.tracking_uri(ws)}: run `genloop register`"
             )
-        return mlflow.pyfunc.load_model(f"models:/{name}@champion"), str(champion.version)
+        return tracking.load_model(name, champion.version), str(champion.version)
 
 
 def run(cfg: Params, ws: Workspace) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from genloop.config import Params
-from genloop.errors import Unreachable
+from genloop.errors import GenloopError, Unreachable
 from genloop.logs import redact, redact_obj
 from genloop.provenance import data_version, git_commit
 from genloop.workspace import Workspace
@@ -404,11 +404,45 @@ def log_image_to_run(run_id: str, image: Any, artifact_file: str) -> None:
     MlflowClient().log_image(run_id, image, artifact_file)
 
 
-def load_model(name: str, version: str | int) -> Any:
-    """A registered model version as a pyfunc model."""
-    import mlflow
+class LocalGenerator:
+    """A registered generator run by genloop's installed code: `predict(frame)` and
+    `unwrap_python_model()` as on an MLflow pyfunc model."""
 
-    return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    def __init__(self, python_model: Any) -> None:
+        self._model = python_model
+
+    def predict(self, data: Any) -> Any:
+        return self._model.predict(None, data)
+
+    def unwrap_python_model(self) -> Any:
+        return self._model
+
+
+def load_model(name: str, ref: str | int) -> LocalGenerator:
+    """Registered model `name` at version `ref` (or `@alias`), loaded from its `weights` artifact only.
+
+    `mlflow.pyfunc.load_model` would run the Python file stored with the model: whoever can
+    write the artifact store could run code here. genloop downloads the artifacts and builds
+    the generator with its own installed code; the weights load with `weights_only=True`.
+    """
+    import tempfile
+
+    import mlflow
+    import yaml
+    from mlflow.pyfunc import PythonModelContext
+
+    from genloop.pyfunc_generator import GeneratorModel
+
+    uri = f"models:/{name}{ref if str(ref).startswith('@') else f'/{ref}'}"
+    with tempfile.TemporaryDirectory(prefix="genloop-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+        weights = (flavor.get("artifacts") or {}).get("weights", {}).get("path")
+        if not weights or ".." in Path(weights).parts or Path(weights).is_absolute():
+            raise GenloopError(f"{uri} is not a genloop generator: its MLmodel names no `weights` artifact")
+        model = GeneratorModel()
+        model.load_context(PythonModelContext(artifacts={"weights": str(local / weights)}, model_config={}))
+    return LocalGenerator(model)
 
 
 def get_version(name: str, version: str | int) -> Any | None:
