@@ -168,6 +168,19 @@ def test_a_second_run_over_unchanged_data_and_params_skips_the_cached_stages(fir
     artifacts = _api(services, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
     summary = next(a["data"] for a in artifacts if a["key"] == "genloop-loop-summary")
     assert "skipped (cached)" in summary
+    # two scheduled runs are two linked iterations in MLflow
+    exp = client.get_experiment_by_name("genloop")
+    parents = {}
+    for run_id in (first_run[0], flow_run_id):
+        found = client.search_runs([exp.experiment_id], f"tags.`genloop.prefect_flow_run_id` = '{run_id}' "
+                                   "and tags.`genloop.stage` = 'loop'")
+        assert len(found) == 1
+        parents[run_id] = found[0]
+    first, second = parents[first_run[0]], parents[flow_run_id]
+    assert first.data.tags["genloop.iteration"] == "1"
+    assert second.data.tags["genloop.iteration"] == "2"
+    assert second.data.tags["genloop.previous_run_id"] == first.info.run_id
+    assert second.data.tags["genloop.previous_data_version"] == first.data.tags["genloop.data_version"]
     print(f"cached rerun: {seconds:.1f} s; first run: {first_run[1]:.1f} s")
 
 
