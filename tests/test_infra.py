@@ -702,7 +702,11 @@ def test_k8s_deployment_runs_the_nightly_flow_on_the_gpu_pool():
     assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "/workspace"}}]
     # the existing deployments stay on the local process pool, in the folder they were deployed from
     for name in ("nightly", "hourly"):
-        assert deployments[name]["work_pool"] == {"name": "genloop-local"} and "pull" not in deployments[name]
+        pool = deployments[name]["work_pool"]
+        assert pool["name"] == "genloop-local" and "pull" not in deployments[name]
+        # only environment: overlapping scheduled runs wait for the workspace lock; stage logs reach Prefect
+        assert set(pool.get("job_variables", {})) <= {"env"}
+        assert int(pool["job_variables"]["env"]["GENLOOP_LOCK_WAIT_SECONDS"]) > 0
 
 
 def test_workspace_init_seeds_a_workspace_once_and_sets_the_dvc_remote_locally(tmp_path):
