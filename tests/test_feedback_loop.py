@@ -28,7 +28,7 @@ from genloop.feedback import FeedbackRecord, FeedbackStore, acceptance_rate, cur
 from genloop.manifest import FEEDBACK_SOURCE, ROLE_NEGATIVE, ROLE_TRAIN, read_ledger, read_manifest
 from genloop.storage import sha256_bytes
 from genloop.workspace import Workspace
-from tests.helpers import BIN, cli_env, make_workspace, run_cli
+from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
 from tests.test_e2e import mlflow_server  # noqa: F401  (the real MLflow server fixture of the e2e tests)
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -202,21 +202,12 @@ def test_a_ledger_from_before_roles_reads_as_training_rows(tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------ end to end
 
-LOOP = [
+# the shared tiny settings, with a feedback: source, a cap that bites and narrow tuning ranges
+_REPLACED = ("collect.sources=", "generate.", "optimize.keep=")
+LOOP = [o for o in TINY if not o.startswith(_REPLACED)] + [
     "collect.sources=[{uri: 'builtin:mnist', limit: 400}, {uri: 'feedback:'}]",
     "collect.max_synthetic_fraction=0.02",  # 400 real images: 8 generated ones at most
     "data.resolution=16",
-    "validate.min_rows=50",
-    "model.vae.latent_dim=8",
-    "model.vae.width=8",
-    "train.epochs=1",
-    "train.batch_size=32",
-    "train.log_every=2",
-    "train.checkpoint_every=5",
-    "train.grid_size=20",
-    "evaluate.n_samples=60",
-    "evaluate.extractor_epochs=1",
-    "evaluate.kid_subset_size=20",
     "register.gate.bootstrap=40",
     "generate.n=64",
     "generate.batch_size=32",
