@@ -7,7 +7,6 @@ feedback written through FeedbackStore in between."""
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,12 +14,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from genloop import clean, collect, feedback_source
 from genloop.config import load_params
@@ -29,18 +26,13 @@ from genloop.manifest import FEEDBACK_SOURCE, ROLE_NEGATIVE, ROLE_TRAIN, read_le
 from genloop.storage import sha256_bytes
 from genloop.workspace import Workspace
 from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
+from tests.test_collect import tiny_png
 from tests.test_e2e import mlflow_server  # noqa: F401  (the real MLflow server fixture of the e2e tests)
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-def png(seed: int, size: int = 8) -> bytes:
-    """A distinct tiny PNG per seed (the seed is spelled into the pixels)."""
-    arr = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
-    arr[0, :4] = np.frombuffer(seed.to_bytes(4, "big"), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
+png = tiny_png  # a distinct tiny PNG per seed
 
 
 def real_folder(root: Path, n: int) -> Path:
