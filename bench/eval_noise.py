@@ -28,14 +28,14 @@ from pathlib import Path
 from offline_env import RESULTS, ROOT  # first: no telemetry, an embedded MLflow store
 
 from genloop import clean, collect, train, validate  # noqa: E402
-from genloop.config import load_params  # noqa: E402
-from genloop.evaluation import evaluate_generator  # noqa: E402
-from genloop.features import get_extractor  # noqa: E402
-from genloop.gate import paired_bootstrap  # noqa: E402
+from genloop.core.config import load_params  # noqa: E402
+from genloop.core.storage import sha256_file  # noqa: E402
+from genloop.core.workspace import Workspace  # noqa: E402
+from genloop.eval.extractors import get_extractor  # noqa: E402
+from genloop.eval.gate import paired_bootstrap  # noqa: E402
+from genloop.eval.generator_eval import evaluate_generator  # noqa: E402
+from genloop.eval.reference import load_reference  # noqa: E402
 from genloop.models import load_generator, sample  # noqa: E402
-from genloop.reference import load_reference  # noqa: E402
-from genloop.storage import sha256_file  # noqa: E402
-from genloop.workspace import Workspace  # noqa: E402
 
 
 def main() -> None:

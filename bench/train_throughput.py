@@ -2,7 +2,7 @@
 
 reference: the loop as the PyTorch DCGAN example writes it - float images in a
            TensorDataset, a shuffling DataLoader, fp32, BCE-with-logits, no EMA, no logging.
-genloop:   `genloop.train.run` - uint8 data resident on the device, EMA, bf16 autocast and
+genloop:   `genloop.stages.train.run` - uint8 data resident on the device, EMA, bf16 autocast and
            channels_last on CUDA, MLflow step metrics, per-epoch sample grids and checkpoints.
 
 Both train the same conditional DCGAN (genloop.models.dcgan) on the same clean MNIST digits
@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from genloop import clean, collect, train
-from genloop.config import Params, load_params
-from genloop.dataset import load_split
-from genloop.device import pick_device
+from genloop.core.config import Params, load_params
+from genloop.core.dataset import load_split
+from genloop.core.workspace import Workspace
 from genloop.models import GeneratorSpec, dcgan
-from genloop.workspace import Workspace
+from genloop.models.device import pick_device
+from genloop.stages import clean, collect, train
 
 
 def prepare(ws: Workspace, limit: int) -> None:

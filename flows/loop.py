@@ -1,6 +1,6 @@
 """Prefect entry points for `flows/prefect.yaml`: the flows live in the genloop package."""
 
-from genloop.flows import collect_flow, loop_flow
+from genloop.orchestrate.flows import collect_flow, loop_flow
 
 __all__ = ["collect_flow", "loop_flow"]
 

@@ -63,7 +63,7 @@ def make_workspace(ws: Path, overrides: list[str] = TINY) -> Path:
     """A git + DVC repository holding genloop's dvc.yaml, src/, flows/ and params.yaml with `overrides`."""
     import yaml
 
-    from genloop.config import load_params
+    from genloop.core.config import load_params
 
     shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
     # dvc.yaml's stages depend on genloop's source files: the workspace carries a copy

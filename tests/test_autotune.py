@@ -19,12 +19,13 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from genloop import autotune, tracking
-from genloop.cli import app
-from genloop.config import Params, load_params
-from genloop.feedback import FeedbackRecord, FeedbackStore
-from genloop.storage import write_json_atomic
-from genloop.workspace import Workspace
+from genloop.cli.main import app
+from genloop.core.config import Params, load_params
+from genloop.core.storage import write_json_atomic
+from genloop.core.workspace import Workspace
+from genloop.feedback import tuning
+from genloop.feedback.store import FeedbackRecord, FeedbackStore
+from genloop.mlops import tracking
 from tests.helpers import ROOT
 
 SMALL = ["optimize.tune.epochs=[1, 3]", "optimize.tune.lr=[0.0005, 0.003]", "optimize.tune.latent_dim=[4, 16]",
@@ -47,7 +48,7 @@ def iteration(ws: Workspace, version: str, fid: float, generator: str) -> None:
 
 def step(cfg: Params, ws: Workspace) -> dict:
     with tracking.stage_run(ws, cfg, "optimize"):
-        return autotune.step(cfg, ws)
+        return tuning.step(cfg, ws)
 
 
 def feedback(ws: Workspace, version: str, decisions: list[str]) -> None:
@@ -60,21 +61,21 @@ def feedback(ws: Workspace, version: str, decisions: list[str]) -> None:
 
 
 def study_of(cfg: Params, ws: Workspace) -> optuna.Study:
-    with autotune.open_storage(cfg, ws) as storage:
-        return autotune.load_study(cfg, storage)
+    with tuning.open_storage(cfg, ws) as storage:
+        return tuning.load_study(cfg, storage)
 
 
 def test_objective_is_the_metric_and_moves_with_acceptance() -> None:
-    assert autotune.objective(12.0, 10.0, None, 0.5) == pytest.approx(1.2)  # no feedback: the metric alone
-    assert autotune.objective(12.0, 10.0, 0.5, 0.5) == pytest.approx(1.2)  # half accepted: neutral
-    assert autotune.objective(12.0, 10.0, 1.0, 0.5) == pytest.approx(0.7)
-    assert autotune.objective(12.0, 10.0, 0.0, 0.5) == pytest.approx(1.7)
-    assert autotune.objective(12.0, 10.0, 0.0, 0.0) == pytest.approx(1.2)
-    assert autotune.objective(-0.002, 0.001, 1.0, 0.5) < autotune.objective(-0.002, 0.001, 0.0, 0.5)  # KID < 0
+    assert tuning.objective(12.0, 10.0, None, 0.5) == pytest.approx(1.2)  # no feedback: the metric alone
+    assert tuning.objective(12.0, 10.0, 0.5, 0.5) == pytest.approx(1.2)  # half accepted: neutral
+    assert tuning.objective(12.0, 10.0, 1.0, 0.5) == pytest.approx(0.7)
+    assert tuning.objective(12.0, 10.0, 0.0, 0.5) == pytest.approx(1.7)
+    assert tuning.objective(12.0, 10.0, 0.0, 0.0) == pytest.approx(1.2)
+    assert tuning.objective(-0.002, 0.001, 1.0, 0.5) < tuning.objective(-0.002, 0.001, 0.0, 0.5)  # KID < 0
 
 
 def test_the_search_space_follows_the_family() -> None:
-    keys = lambda *sets: [d.key for d in autotune.space(load_params(None, list(sets)))]  # noqa: E731
+    keys = lambda *sets: [d.key for d in tuning.space(load_params(None, list(sets)))]  # noqa: E731
     assert keys() == ["train.epochs", "model.vae.lr", "model.vae.latent_dim", "model.vae.beta"]
     assert keys("model.family=dcgan") == ["train.epochs", "train.lr", "model.dcgan.latent_dim"]
     assert keys("model.family=ddpm") == ["train.epochs", "model.ddpm.lr"]
@@ -93,21 +94,21 @@ def test_two_iterations_feedback_reaches_the_study_and_the_proposal_is_applied(t
     assert first["proposal_trial"] == 1
     text = (ws.reports / "next_params.yaml").read_text()
     assert "Proposed by trial 1 of Optuna study 'genloop'" in text and "random exploration" in text
-    proposal = autotune.read_proposal(ws.reports / "next_params.yaml")
-    assert proposal == first["proposal"] and set(proposal) == {d.key for d in autotune.space(cfg)}
+    proposal = tuning.read_proposal(ws.reports / "next_params.yaml")
+    assert proposal == first["proposal"] and set(proposal) == {d.key for d in tuning.space(cfg)}
     whole = load_params(ws.reports / "next_params.yaml")  # a complete, valid params file
     shown = CliRunner().invoke(app, ["params", "--params", str(ws.reports / "next_params.yaml")])
     assert shown.exit_code == 0 and yaml.safe_load(shown.stdout) == whole.model_dump(mode="json", by_alias=True)
-    assert all(autotune.get_param(whole, k) == v for k, v in proposal.items())
+    assert all(tuning.get_param(whole, k) == v for k, v in proposal.items())
     assert whole.model_copy(update={"train": cfg.train, "model": cfg.model}) == cfg  # nothing else changed
     assert step(cfg, ws)["proposal_trial"] == 1  # optimize again, same generator: no new trial, same proposal
 
     # reviewers judge version 1's images; the next loop applies the proposal
     feedback(ws, "1", ["accept", "accept", "accept", "reject"])
-    applied = autotune.apply_proposal(cfg, ws, ["train.batch_size=16"])
+    applied = tuning.apply_proposal(cfg, ws, ["train.batch_size=16"])
     assert applied is not None and applied.overrides[-1] == "train.batch_size=16"
     cfg2 = load_params(None, [*SMALL, *applied.overrides])
-    assert all(autotune.get_param(cfg2, k) == v for k, v in proposal.items())
+    assert all(tuning.get_param(cfg2, k) == v for k, v in proposal.items())
     iteration(ws, "2", 15.0, "b" * 64)
     second = step(cfg2, ws)
     assert second["trial"] == 1  # the proposal it applied is this iteration's trial
@@ -120,7 +121,7 @@ def test_two_iterations_feedback_reaches_the_study_and_the_proposal_is_applied(t
         "objective_basis"]
     assert t1.state == TrialState.RUNNING and t1.user_attrs["applied_proposal"] is True
     assert t1.user_attrs["model_version"] == "2" and t1.user_attrs["metric"] == 15.0
-    assert t2.user_attrs[autotune.ROLE] == autotune.PROPOSAL and second["proposal_trial"] == 2
+    assert t2.user_attrs[tuning.ROLE] == tuning.PROPOSAL and second["proposal_trial"] == 2
 
     # the third loop ignores the proposal: it is marked failed, and the params used are a new trial
     iteration(ws, "3", 18.0, "c" * 64)
@@ -149,18 +150,18 @@ def test_disabled_tuning_writes_the_params_unchanged(tmp_path: Path) -> None:
     cfg = load_params(None, ["optimize.tune.enabled=false"])
     assert step(cfg, ws) == {"enabled": False, "file": str(ws.reports / "next_params.yaml")}
     assert load_params(ws.reports / "next_params.yaml") == cfg
-    assert autotune.read_proposal(ws.reports / "next_params.yaml") is None
-    assert autotune.apply_proposal(cfg, ws, []) is None
+    assert tuning.read_proposal(ws.reports / "next_params.yaml") is None
+    assert tuning.apply_proposal(cfg, ws, []) is None
 
 
 def _in_another_process(ws: Workspace, storage: str, value: float) -> int:
     code = textwrap.dedent(f"""
-        from genloop import autotune
-        from genloop.config import load_params
-        from genloop.workspace import Workspace
+        from genloop.feedback import tuning
+        from genloop.core.config import load_params
+        from genloop.core.workspace import Workspace
         cfg = load_params(None, ["optimize.tune.storage={storage}"])
-        with autotune.open_storage(cfg, Workspace.at({str(ws.root)!r})) as storage:
-            study = autotune.load_study(cfg, storage)
+        with tuning.open_storage(cfg, Workspace.at({str(ws.root)!r})) as storage:
+            study = tuning.load_study(cfg, storage)
             study.enqueue_trial({{"train.epochs": {int(value)}}})
             trial = study.ask()
             trial.suggest_int("train.epochs", 1, 20)
@@ -197,9 +198,9 @@ def test_an_s3_study_is_downloaded_used_and_written_back_unless_changed_meanwhil
     assert _in_another_process(other, uri, 5.0) == 2
     cfg = load_params(None, [f"optimize.tune.storage={uri}"])
     assert [t.value for t in study_of(cfg, ws).trials] == [4.0, 5.0]
-    with pytest.raises(autotune.TuneError, match="changed while this optimize used it"):
-        with autotune.open_storage(cfg, ws) as storage:
-            study = autotune.load_study(cfg, storage)
+    with pytest.raises(tuning.TuneError, match="changed while this optimize used it"):
+        with tuning.open_storage(cfg, ws) as storage:
+            study = tuning.load_study(cfg, storage)
             _in_another_process(other, uri, 6.0)  # someone else saves a trial meanwhile
             study.enqueue_trial({"train.epochs": 7})
             study.tell(study.ask(), 7.0)

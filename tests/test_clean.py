@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from genloop import clean, collect
-from genloop.config import Params, load_params
-from genloop.errors import StageInputMissing
-from genloop.images import normalise
-from genloop.manifest import MANIFEST_COLUMNS, read_ledger, read_manifest
-from genloop.storage import sha256_bytes
-from genloop.workspace import Workspace
+from genloop.core.config import Params, load_params
+from genloop.core.errors import StageInputMissing
+from genloop.core.images import normalise
+from genloop.core.manifest import MANIFEST_COLUMNS, read_ledger, read_manifest
+from genloop.core.storage import sha256_bytes
+from genloop.core.workspace import Workspace
+from genloop.stages import clean, collect
 
 RES = 32
 

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from genloop import collect
-from genloop.config import Params, load_params
-from genloop.errors import SourceError, SourceUnreachable
-from genloop.manifest import LEDGER_COLUMNS, read_ledger
-from genloop.workspace import Workspace
+from genloop.core.config import Params, load_params
+from genloop.core.errors import SourceError, SourceUnreachable
+from genloop.core.manifest import LEDGER_COLUMNS, read_ledger
+from genloop.core.workspace import Workspace
+from genloop.stages import collect
 
 N_S3 = 1010  # more than one list_objects_v2 page (1000 keys)
 

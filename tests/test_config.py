@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genloop.config import Params, Source, load_params
-from genloop.errors import ConfigError
+from genloop.core.config import Params, Source, load_params
+from genloop.core.errors import ConfigError
 
 
 def test_defaults_validate() -> None:
@@ -246,7 +246,7 @@ def test_the_cli_refuses_bad_params_before_any_work(tmp_path: Path, text: str) -
     """`genloop loop` and a stage exit 2 naming the key, the value and what is allowed; nothing is written."""
     from typer.testing import CliRunner
 
-    from genloop.cli import app
+    from genloop.cli.main import app
 
     (tmp_path / "params.yaml").write_text(text)
     runner = CliRunner()
@@ -262,7 +262,7 @@ def test_the_cli_refuses_bad_params_before_any_work(tmp_path: Path, text: str) -
 def test_a_bad_set_override_is_refused_before_any_work(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from genloop.cli import app
+    from genloop.cli.main import app
 
     result = CliRunner().invoke(app, ["loop", "--params", str(tmp_path / "p.yaml"), "--workspace", str(tmp_path)])
     assert result.exit_code == 2 and "p.yaml not found" in " ".join(result.output.split())

@@ -12,16 +12,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from genloop import clean, collect, registry, tracking
-from genloop.config import load_params
-from genloop.dataset import load_split
-from genloop.errors import GenloopError
-from genloop.evaluation import GeneratorEval
-from genloop.features import embed, embed_with_logits, get_extractor
-from genloop.gate import decide, paired_bootstrap
-from genloop.metrics import memorisation, suite
-from genloop.reference import load_reference
-from genloop.workspace import Workspace
+from genloop.core.config import load_params
+from genloop.core.dataset import load_split
+from genloop.core.errors import GenloopError
+from genloop.core.workspace import Workspace
+from genloop.eval.extractors import embed, embed_with_logits, get_extractor
+from genloop.eval.gate import decide, paired_bootstrap
+from genloop.eval.generator_eval import GeneratorEval
+from genloop.eval.metrics import memorisation, suite
+from genloop.eval.reference import load_reference
+from genloop.mlops import aliases, tracking
+from genloop.stages import clean, collect
 from tests.helpers import BIN, ROOT, cli_env, run_cli
 
 SETTINGS = [
@@ -163,10 +164,10 @@ def registry_with_history(tmp_path, monkeypatch):
     client.create_registered_model(name)
     for v, passed in ((1, True), (2, True), (3, False)):
         client.create_model_version(name, source=str(tmp_path / f"model{v}"))
-        tracking.tag_version(name, v, {registry.PASSED_TAG: passed, "genloop.gate.reason": f"decision {v}"})
+        tracking.tag_version(name, v, {aliases.PASSED_TAG: passed, "genloop.gate.reason": f"decision {v}"})
         tracking.set_alias(name, "challenger", v)
         if passed:
-            registry.promote(name, str(v), f"gate passed for v{v}")
+            aliases.promote(name, str(v), f"gate passed for v{v}")
     yield name, client, uri
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
@@ -175,28 +176,28 @@ def test_rollback_moves_champion_back_and_records_who_when_why(registry_with_his
     name, client, _ = registry_with_history
     assert _alias(client, name, "champion") == "2"
     assert _alias(client, name, "previous-champion") == "1"
-    out = registry.rollback(name, reason="v2 draws smudges")
+    out = aliases.rollback(name, reason="v2 draws smudges")
     assert out["champion_before"] == "2" and out["champion"] == "1"
     assert _alias(client, name, "champion") == "1"
     tags = client.get_model_version(name, "1").tags
     assert tags["genloop.rollback.why"] == "v2 draws smudges" and tags["genloop.rollback.from"] == "2"
     assert tags["genloop.rollback.by"] and tags["genloop.rollback.at"].endswith("Z")
     assert client.get_model_version(name, "2").tags["genloop.rolled_back_to"] == "1"
-    history = registry.champion_history(name)
+    history = aliases.champion_history(name)
     assert [h["version"] for h in history] == ["1", "2", "1"] and history[-1]["rolled_back_from"] == "2"
     # v1 replaced nobody: there is nothing further back
     with pytest.raises(GenloopError, match="no previous champion"):
-        registry.rollback(name)
+        aliases.rollback(name)
 
 
 def test_rollback_refuses_a_version_that_never_passed_the_gate(registry_with_history):
     name, client, _ = registry_with_history
     with pytest.raises(GenloopError, match="never passed the promotion gate.*decision 3.*--force"):
-        registry.rollback(name, to="3")
+        aliases.rollback(name, to="3")
     assert _alias(client, name, "champion") == "2"
     with pytest.raises(GenloopError, match="no version 7; versions: 1, 2, 3"):
-        registry.rollback(name, to="7")
-    out = registry.rollback(name, to="3", reason="hotfix", force=True)
+        aliases.rollback(name, to="7")
+    out = aliases.rollback(name, to="3", reason="hotfix", force=True)
     assert out["champion"] == "3" and client.get_model_version(name, "3").tags["genloop.rollback.forced"] == "True"
 
 

@@ -40,11 +40,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from genloop import clean, collect, evaluate, generate, register, tracking, train
-from genloop.config import Params, load_params
-from genloop.errors import SinkUnreachable, Unreachable
-from genloop.manifest import read_ledger
-from genloop.workspace import Workspace
+from genloop.core.config import Params, load_params
+from genloop.core.errors import SinkUnreachable, Unreachable
+from genloop.core.manifest import read_ledger
+from genloop.core.workspace import Workspace
+from genloop.mlops import tracking
+from genloop.stages import clean, collect, evaluate, generate, register, train
 from tests.conftest import free_port
 from tests.helpers import BIN, cli_env, run_cli
 
@@ -706,8 +707,8 @@ def test_mlflow_dying_mid_register_leaves_no_orphan_version(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from genloop.gate import WEIGHTS_TAG
-    from genloop.register import REGISTRATION_TAG
+    from genloop.eval.gate import WEIGHTS_TAG
+    from genloop.stages.register import REGISTRATION_TAG
 
     ws = copy_workspace(trained[0], tmp_path / "ws")
     cfg = trained[1]
@@ -809,7 +810,7 @@ def test_published_outputs_get_the_usual_modes_not_private_temp_modes(tmp_path: 
     """mkstemp makes 0600 files: a report or data folder published from one must still be readable by the team."""
     import stat
 
-    from genloop.storage import atomic_dir, write_json_atomic
+    from genloop.core.storage import atomic_dir, write_json_atomic
 
     old = os.umask(0o022)
     try:

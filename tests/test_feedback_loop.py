@@ -19,12 +19,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from genloop import clean, collect, feedback_source
-from genloop.config import load_params
-from genloop.feedback import FeedbackRecord, FeedbackStore, acceptance_rate, curated_image_id
-from genloop.manifest import FEEDBACK_SOURCE, ROLE_NEGATIVE, ROLE_TRAIN, read_ledger, read_manifest
-from genloop.storage import sha256_bytes
-from genloop.workspace import Workspace
+from genloop.core.config import load_params
+from genloop.core.manifest import FEEDBACK_SOURCE, ROLE_NEGATIVE, ROLE_TRAIN, read_ledger, read_manifest
+from genloop.core.storage import sha256_bytes
+from genloop.core.workspace import Workspace
+from genloop.feedback import intake
+from genloop.feedback.store import FeedbackRecord, FeedbackStore, acceptance_rate, curated_image_id
+from genloop.stages import clean, collect
 from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
 from tests.test_collect import tiny_png
 from tests.test_e2e import mlflow_server  # noqa: F401  (the real MLflow server fixture of the e2e tests)
@@ -79,7 +80,7 @@ def params(folder: Path, *extra: str):
 
 
 def test_synthetic_budget_keeps_the_share_at_most_the_fraction() -> None:
-    budget = feedback_source.synthetic_budget
+    budget = intake.synthetic_budget
     assert budget(400, 0, 0.2) == 100  # 100 / 500 = 0.2 exactly: allowed
     assert budget(400, 60, 0.2) == 40 and budget(400, 100, 0.2) == 0 and budget(400, 130, 0.2) == 0
     assert budget(70, 0, 0.3) == 30  # 0.3 * 70 / 0.7 is 29.999... in floats: exact decimals say 30

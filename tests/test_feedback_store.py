@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from genloop.feedback import (
+from genloop.core.workspace import Workspace
+from genloop.feedback.store import (
     FeedbackError,
     FeedbackRecord,
     FeedbackStore,
@@ -17,7 +18,6 @@ from genloop.feedback import (
     latest,
     parse_record,
 )
-from genloop.workspace import Workspace
 
 SHA = "ab" * 32
 

@@ -445,7 +445,7 @@ def test_every_variable_given_to_a_container_is_read_there(compose, readers):
 
 
 def test_local_compose_and_kubernetes_give_genloop_the_same_variables(compose, readers):
-    from genloop.services import Ports, service_env
+    from genloop.orchestrate.local_services import Ports, service_env
 
     assert set(service_env(Ports())) <= ENDPOINT_VARS  # what `genloop services up` exports locally
     for var in ENDPOINT_VARS:  # each is read by genloop, its scripts, Prefect or boto3
@@ -475,7 +475,7 @@ def test_dockerfile_installs_the_lock_then_genloop_without_deps_as_make_install_
         assert needed in copied, needed
     # the entry points it checks at build time and runs: pyproject's genloop script, prefect, torchrun
     scripts = _pyproject()["project"]["scripts"]
-    assert scripts == {"genloop": "genloop.cli:app"}
+    assert scripts == {"genloop": "genloop.cli.main:app"}
     assert any(s.startswith("RUN genloop --help") for s in steps)
     assert any("torchrun --help" in s for s in steps)
     assert steps[-1] == 'CMD ["worker-entrypoint.sh"]'
@@ -654,7 +654,7 @@ def test_work_pool_template_requests_gpus_and_mounts_the_workspace():
 def test_training_job_runs_torchrun_over_every_gpu_it_requests():
     import typer
 
-    from genloop.cli import app
+    from genloop.cli.main import app
 
     spec = _train_job()["spec"]["template"]["spec"]
     c = spec["containers"][0]
@@ -666,7 +666,7 @@ def test_training_job_runs_torchrun_over_every_gpu_it_requests():
     assert nproc in ("gpu", str(gpus))  # "gpu": one process per GPU the pod was given
     # the module and options torchrun starts are genloop's train command as the CLI defines it
     module = cmd.index("-m")
-    assert cmd[module + 1: module + 3] == ["genloop.cli", "train"]
+    assert cmd[module + 1: module + 3] == ["genloop.cli.main", "train"]
     options = {o for p in typer.main.get_command(app).commands["train"].params for o in p.opts}
     given = [a for a in cmd[module + 3:] if a.startswith("--")]
     assert given and set(given) <= options
@@ -710,7 +710,7 @@ def test_k8s_deployment_runs_the_nightly_flow_on_the_gpu_pool():
 
 
 def test_workspace_init_seeds_a_workspace_once_and_sets_the_dvc_remote_locally(tmp_path):
-    from genloop.dvc_remote import default_remote
+    from genloop.mlops.dvc_remote import default_remote
 
     ws = tmp_path / "workspace"
     env = cli_env(tmp_path, GENLOOP_SOURCE=str(ROOT), GENLOOP_DVC_REMOTE="s3://genloop-data/dvc")

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from genloop import clean, collect, generate
-from genloop.config import Params, load_params
-from genloop.manifest import read_ledger
-from genloop.workspace import Workspace
+from genloop.core.config import Params, load_params
+from genloop.core.manifest import read_ledger
+from genloop.core.workspace import Workspace
+from genloop.stages import clean, collect, generate
 from tests.helpers import BIN, cli_env, run_cli
 from tests.test_faults import DiskFull, copy_workspace, git_dvc_workspace, model_workspace, snapshot, temp_leftovers
 
@@ -119,7 +119,7 @@ def kill_at_replace(target: Path) -> list[str]:
         "    return real(src, dst, *a, **kw)\n"
         "os.replace = replace\n"
         "sys.argv[0] = 'genloop'\n"
-        "from genloop.cli import main\n"
+        "from genloop.cli.main import main\n"
         "main()\n"
     )
     return [sys.executable, "-c", prelude]

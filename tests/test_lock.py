@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from genloop.lock import WorkspaceBusy, holder, lock_path, workspace_lock
-from genloop.workspace import Workspace
+from genloop.core.lock import WorkspaceBusy, holder, lock_path, workspace_lock
+from genloop.core.workspace import Workspace
 from tests.helpers import BIN, cli_env
 
 HOLD = """
 import sys, time
-from genloop.lock import workspace_lock
-from genloop.workspace import Workspace
+from genloop.core.lock import workspace_lock
+from genloop.core.workspace import Workspace
 with workspace_lock(Workspace.at(sys.argv[1]), "test holder"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -55,7 +55,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_leaves_a_
     # SIGKILL: no clean-up ran, the file still names the dead holder, but the kernel dropped the lock
     assert json.loads(lock_path(ws).read_text())["pid"] == proc.pid
     assert holder(ws) is None
-    with caplog.at_level("WARNING", logger="genloop.lock"), workspace_lock(ws, "after the crash"):
+    with caplog.at_level("WARNING", logger="genloop.core.lock"), workspace_lock(ws, "after the crash"):
         assert holder(ws)["pid"] == os.getpid()
     assert any("left by a run that is gone" in r.message and str(proc.pid) in r.message for r in caplog.records)
     assert lock_path(ws).read_text() == ""  # released cleanly: nothing stale for the next run
@@ -100,7 +100,7 @@ def test_waiting_for_the_lock_gets_it_when_the_holder_finishes(tmp_path: Path) -
 
 def test_the_lock_is_reentrant_in_a_process_and_inherited_by_its_child_processes(tmp_path: Path) -> None:
     ws = Workspace.at(tmp_path)
-    child = ("import sys; from genloop.lock import workspace_lock; from genloop.workspace import Workspace\n"
+    child = ("import sys; from genloop.core.lock import workspace_lock; from genloop.core.workspace import Workspace\n"
              "with workspace_lock(Workspace.at(sys.argv[1]), 'child'): print('child ran')")
     with workspace_lock(ws, "outer"):
         errors: list[BaseException] = []

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from genloop.config import ModelParams
-from genloop.errors import GenloopError
+from genloop.core.config import ModelParams
+from genloop.core.errors import GenloopError
 from genloop.models import FAMILIES, GeneratorSpec, family, load_generator, sample, save_generator
 
 SMALL = {"latent_dim": 8, "g_width": 8, "d_width": 8}
@@ -195,10 +195,10 @@ FAMILY_TINY = {
 @pytest.fixture(scope="module")
 def clean_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace with 400 collected + cleaned MNIST digits and its in-domain extractor."""
-    from genloop import clean, collect
-    from genloop.config import load_params
-    from genloop.features import get_extractor
-    from genloop.workspace import Workspace
+    from genloop.core.config import load_params
+    from genloop.core.workspace import Workspace
+    from genloop.eval.extractors import get_extractor
+    from genloop.stages import clean, collect
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("GENLOOP_PARENT_RUN_ID", None)
@@ -212,9 +212,9 @@ def clean_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("name", ["vae", "ddpm"])
 def test_train_evaluate_register_run_for_the_family(name, clean_data, tmp_path, monkeypatch):
-    from genloop import evaluate, register, train
-    from genloop.config import load_params
-    from genloop.workspace import Workspace
+    from genloop.core.config import load_params
+    from genloop.core.workspace import Workspace
+    from genloop.stages import evaluate, register, train
 
     # mlflow.set_tracking_uri/set_registry_uri export these: unset them now and again afterwards
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "GENLOOP_PARENT_RUN_ID"):

@@ -33,12 +33,12 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from genloop import review
-from genloop.cli_feedback import register
-from genloop.config import Params, load_params
-from genloop.feedback import FeedbackRecord, FeedbackStore, curated_image_id, latest, parse_record
-from genloop.storage import sha256_file
-from genloop.workspace import Workspace
+from genloop.cli.feedback import register
+from genloop.core.config import Params, load_params
+from genloop.core.storage import sha256_file
+from genloop.core.workspace import Workspace
+from genloop.feedback import review_app
+from genloop.feedback.store import FeedbackRecord, FeedbackStore, curated_image_id, latest, parse_record
 from tests.helpers import ROOT
 
 PARAMS = ROOT / "params.yaml"
@@ -108,7 +108,7 @@ def store_of(ws: Path, sets: list[str] | None = None) -> FeedbackStore:
 def running(ws: Path, *, token: str = TOKEN, reviewer: str = "alice", version: str | None = None,
             host: str = "127.0.0.1", sets: list[str] | None = None) -> Iterator[str]:
     """The review app under uvicorn in a thread, exactly as `genloop review` serves it; yields its origin."""
-    server, sock, url = review.prepare(cfg(sets), Workspace.at(ws), host=host, port=0, reviewer=reviewer,
+    server, sock, url = review_app.prepare(cfg(sets), Workspace.at(ws), host=host, port=0, reviewer=reviewer,
                                        version=version, token=token)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -183,14 +183,14 @@ def test_token_required_on_every_request(batch: tuple[Path, list[str]]) -> None:
 
 
 def test_token_from_env_and_weak_tokens_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(review.TOKEN_ENV, "env-token-abcdefghijklmnop")
-    assert review.resolve_token() == "env-token-abcdefghijklmnop"
-    monkeypatch.delenv(review.TOKEN_ENV)
-    fresh = {review.resolve_token() for _ in range(3)}
+    monkeypatch.setenv(review_app.TOKEN_ENV, "env-token-abcdefghijklmnop")
+    assert review_app.resolve_token() == "env-token-abcdefghijklmnop"
+    monkeypatch.delenv(review_app.TOKEN_ENV)
+    fresh = {review_app.resolve_token() for _ in range(3)}
     assert len(fresh) == 3 and all(len(t) >= 40 for t in fresh)
     for weak in ("short", "has space in the token 123", "ünïcode-token-1234567"):
-        with pytest.raises(review.ReviewError, match="at least 16 URL-safe"):
-            review.resolve_token(weak)
+        with pytest.raises(review_app.ReviewError, match="at least 16 URL-safe"):
+            review_app.resolve_token(weak)
 
 
 def test_cross_origin_post_refused(batch: tuple[Path, list[str]]) -> None:
@@ -294,19 +294,19 @@ def test_binds_loopback_by_default_and_refuses_remote_hosts(batch: tuple[Path, l
     ws, _ = batch
     import inspect
 
-    assert inspect.signature(review.serve).parameters["host"].default == "127.0.0.1"
-    server, sock, url = review.prepare(cfg(), Workspace.at(ws), port=0, token=TOKEN)
+    assert inspect.signature(review_app.serve).parameters["host"].default == "127.0.0.1"
+    server, sock, url = review_app.prepare(cfg(), Workspace.at(ws), port=0, token=TOKEN)
     try:
         assert sock.getsockname()[0] == "127.0.0.1"
         assert url == f"http://127.0.0.1:{sock.getsockname()[1]}/?token={TOKEN}"
     finally:
         sock.close()
     for host in ("0.0.0.0", "::", "192.168.1.10", "example.com"):
-        with pytest.raises(review.ReviewError, match="--allow-remote"):
-            review.prepare(cfg(), Workspace.at(ws), host=host, port=0, token=TOKEN)
+        with pytest.raises(review_app.ReviewError, match="--allow-remote"):
+            review_app.prepare(cfg(), Workspace.at(ws), host=host, port=0, token=TOKEN)
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
-        review.check_host(host, allow_remote=False)
-    review.check_host("0.0.0.0", allow_remote=True)
+        review_app.check_host(host, allow_remote=False)
+    review_app.check_host("0.0.0.0", allow_remote=True)
     # the command: default host and port in --help, a clear refusal for a remote host
     app = typer.Typer()
     register(app)
@@ -454,7 +454,7 @@ def test_paging_2000_images_stays_fast(tmp_path: Path) -> None:
 WRITERS = """
 import os, sys, time
 from pathlib import Path
-from genloop.feedback import FeedbackRecord, FeedbackStore
+from genloop.feedback.store import FeedbackRecord, FeedbackStore
 store, procs, n = FeedbackStore(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 go, ids = Path(sys.argv[4]), sys.argv[5:]
 children = []
@@ -684,7 +684,7 @@ def test_import_unknown_image_imports_nothing(batch: tuple[Path, list[str]], tmp
 @pytest.mark.integration
 def test_review_and_import_with_an_s3_store(batch: tuple[Path, list[str]], s3_env: str, tmp_path: Path) -> None:
     """feedback.store = s3://bucket/prefix: the page's actions and imports land there, one object each."""
-    from genloop.storage import s3_client
+    from genloop.core.storage import s3_client
 
     ws, ids = batch
     s3_client().create_bucket(Bucket="genloop-review-test")

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from genloop.feedback import FeedbackStore
-from genloop.storage import sha256_file
-from genloop.workspace import Workspace
+from genloop.core.storage import sha256_file
+from genloop.core.workspace import Workspace
+from genloop.feedback.store import FeedbackStore
 from tests.helpers import BIN, ROOT, cli_env
 from tests.test_review import PARAMS, VERSION, make_batch
 

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from genloop import collect, dvc_remote, generate, storage
-from genloop.config import load_params
-from genloop.errors import (
+from genloop.core import storage
+from genloop.core.config import load_params
+from genloop.core.errors import (
     GenloopError,
     RemoteError,
     RemoteUnreachable,
@@ -33,7 +33,9 @@ from genloop.errors import (
     SourceUnreachable,
     Unreachable,
 )
-from genloop.workspace import Workspace
+from genloop.core.workspace import Workspace
+from genloop.mlops import dvc_remote
+from genloop.stages import collect, generate
 from tests.conftest import free_port
 from tests.helpers import TINY
 
@@ -237,7 +239,7 @@ def test_upload_dir_to_an_unreachable_endpoint_is_bounded_and_retryable(
 @pytest.fixture(scope="module")
 def sunk_pipeline(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     """The tiny real loop (embedded sqlite MLflow) with generate.sink and optimize.sink on moto."""
-    from genloop import clean, evaluate, optimize, register, train, validate
+    from genloop.stages import clean, evaluate, optimize, register, train, validate
 
     bucket = make_bucket(moto_server, "genloop-sink")
     ws = Workspace.at(tmp_path_factory.mktemp("ws"))

@@ -14,10 +14,11 @@ from urllib.parse import quote
 
 import pytest
 
-from genloop import logs, tracking
-from genloop.config import load_params
-from genloop.errors import Unreachable
-from genloop.workspace import Workspace
+from genloop.core import logs
+from genloop.core.config import load_params
+from genloop.core.errors import Unreachable
+from genloop.core.workspace import Workspace
+from genloop.mlops import tracking
 from tests.secret_scan import planted_secrets
 
 SECRETS = planted_secrets()

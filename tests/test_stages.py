@@ -14,12 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from genloop import clean, collect, evaluate, generate, optimize, register, train, validate
-from genloop.config import load_params
-from genloop.errors import StageInputMissing
-from genloop.manifest import read_manifest
+from genloop.core.config import load_params
+from genloop.core.errors import StageInputMissing
+from genloop.core.manifest import read_manifest
+from genloop.core.workspace import Workspace
 from genloop.models import load_generator
-from genloop.workspace import Workspace
+from genloop.stages import clean, collect, evaluate, generate, optimize, register, train, validate
 from tests.helpers import TINY
 
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from genloop import tracking
-from genloop.config import load_params
-from genloop.workspace import Workspace
+from genloop.core.config import load_params
+from genloop.core.workspace import Workspace
+from genloop.mlops import tracking
 
 
 @pytest.fixture

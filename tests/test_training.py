@@ -14,9 +14,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from genloop import clean, collect
-from genloop.config import load_params
-from genloop.workspace import Workspace
+from genloop.core.config import load_params
+from genloop.core.workspace import Workspace
+from genloop.stages import clean, collect
 from tests.helpers import BIN, TINY, cli_env, run_cli
 
 SETTINGS = [*TINY, "collect.dvc_add=false", "train.epochs=8", "train.checkpoint_every=10", "train.grid_size=10",

@@ -23,16 +23,17 @@ import pandas as pd
 import pytest
 import torch
 
-from genloop import clean, collect, evaluate, generate, tracking, train
-from genloop.config import load_params
-from genloop.dataset import load_split
-from genloop.errors import GenloopError
-from genloop.evaluation import eval_key, evaluate_generator
-from genloop.features import domain_extractor
+from genloop.core.config import load_params
+from genloop.core.dataset import load_split
+from genloop.core.errors import GenloopError
+from genloop.core.storage import join_s3_uri, sha256_file, upload_dir
+from genloop.core.workspace import Workspace
+from genloop.eval.extractors import domain_extractor
+from genloop.eval.generator_eval import eval_key, evaluate_generator
+from genloop.eval.reference import load_reference
+from genloop.mlops import tracking
 from genloop.models import family, load_generator, load_torch_file, sample, save_generator
-from genloop.reference import load_reference
-from genloop.storage import join_s3_uri, sha256_file, upload_dir
-from genloop.workspace import Workspace
+from genloop.stages import clean, collect, evaluate, generate, train
 from tests.helpers import TINY
 
 SETTINGS = [*TINY, "collect.sources=[{uri: 'builtin:mnist', limit: 150}]", "collect.dvc_add=false",
@@ -215,7 +216,7 @@ def test_a_registered_pyfunc_model_with_malicious_weights_is_refused(
     """The weights artifact of an MLflow pyfunc model (registry, `generate` and the gate load it)."""
     import mlflow
 
-    from genloop.register import PYFUNC_CODE
+    from genloop.stages.register import PYFUNC_CODE
 
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "GENLOOP_PARENT_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -250,9 +251,9 @@ def _prefect_store(ws: Workspace) -> Any:
     from prefect.results import ResultStore
     from prefect.serializers import JSONSerializer
 
-    from genloop import caching
+    from genloop.orchestrate import cache_policy
 
-    store = caching.results_dir(ws)
+    store = cache_policy.results_dir(ws)
     return ResultStore(result_storage=LocalFileSystem(basepath=str(store / "results")),
                        metadata_storage=LocalFileSystem(basepath=str(store / "records")), serializer=JSONSerializer())
 
@@ -262,18 +263,18 @@ def test_tampered_prefect_cache_records_are_never_read_back(prepared: tuple, tmp
     naming pickle, or JSON with another object hook, runs code on a cache hit. outputs_intact()
     (False makes the flow refresh the cache, i.e. run the stage instead of reading the record)
     accepts the records Prefect writes and refuses every tampered one."""
-    from genloop import caching
+    from genloop.orchestrate import cache_policy
 
     ws, cfg = _workspace_copy(prepared, tmp_path / "ws")
     marker = tmp_path / "pwned"
-    key = caching.stage_key("clean", cfg, ws)
-    caching.write_stamp("clean", key, ws)
-    assert caching.outputs_intact("clean", key, ws)  # nothing cached yet
+    key = cache_policy.stage_key("clean", cfg, ws)
+    cache_policy.write_stamp("clean", key, ws)
+    assert cache_policy.outputs_intact("clean", key, ws)  # nothing cached yet
     _prefect_store(ws).write(obj={"kept": 120, "folder": Path("data/clean")}, key=key)  # what a real run leaves
-    records, results = caching.results_dir(ws) / "records", caching.results_dir(ws) / "results"
+    records, results = cache_policy.results_dir(ws) / "records", cache_policy.results_dir(ws) / "results"
     good = json.loads((records / key).read_text())
     assert good["serializer"]["type"] == "json" and (results / key).is_file()
-    assert caching.outputs_intact("clean", key, ws)
+    assert cache_policy.outputs_intact("clean", key, ws)
     good_result = (results / key).read_bytes()
 
     # the positive control: Prefect itself runs the payload of a tampered JSON record
@@ -297,11 +298,11 @@ def test_tampered_prefect_cache_records_are_never_read_back(prepared: tuple, tmp
     for name, (record, result) in tampered.items():
         (records / key).write_bytes(record if isinstance(record, bytes) else json.dumps(record).encode())
         (results / key).write_bytes(result)
-        assert not caching.outputs_intact("clean", key, ws), name
+        assert not cache_policy.outputs_intact("clean", key, ws), name
     assert not marker.exists()
     (records / key).write_text(json.dumps(good))
     (results / key).write_bytes(good_result)
-    assert caching.outputs_intact("clean", key, ws)
+    assert cache_policy.outputs_intact("clean", key, ws)
 
 
 # ---------------------------------------------------------------- S3 keys genloop builds
@@ -336,7 +337,7 @@ def test_join_s3_uri_keeps_plain_segments_under_the_prefix() -> None:
 def test_upload_dir_refuses_a_file_name_that_could_leave_the_prefix_before_any_request(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from genloop.errors import SinkError, Unreachable
+    from genloop.core.errors import SinkError, Unreachable
 
     # nothing listens there: an upload attempt would fail as SinkUnreachable, not as SinkError
     monkeypatch.setenv("GENLOOP_S3_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -351,7 +352,7 @@ def test_upload_dir_refuses_a_file_name_that_could_leave_the_prefix_before_any_r
 
 
 def test_upload_dir_refuses_a_prefix_with_relative_steps(tmp_path: Path) -> None:
-    from genloop.errors import SinkError
+    from genloop.core.errors import SinkError
 
     (tmp_path / "7").mkdir()
     with pytest.raises(SinkError, match="not usable: segment '..'"):

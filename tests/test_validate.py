@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from genloop import validate
-from genloop.config import Params, load_params
-from genloop.errors import StageInputMissing, ValidationFailed
-from genloop.manifest import MANIFEST_COLUMNS, write_table
-from genloop.workspace import Workspace
+from genloop.core.config import Params, load_params
+from genloop.core.errors import StageInputMissing, ValidationFailed
+from genloop.core.manifest import MANIFEST_COLUMNS, write_table
+from genloop.core.workspace import Workspace
+from genloop.stages import validate
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

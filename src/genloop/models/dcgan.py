@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genloop.models import GeneratorSpec
+from genloop.models.blocks import UpsamplingDecoder
+from genloop.models.spec import GeneratorSpec
 
 DEFAULTS = {"latent_dim": 64, "g_width": 32, "d_width": 32}
 
@@ -27,30 +28,11 @@ def latent_shape(spec: GeneratorSpec) -> tuple[int, ...]:
     return (_hp(spec)["latent_dim"],)
 
 
-class Generator(nn.Module):
-    def __init__(self, latent_dim: int, width: int, channels: int, resolution: int, num_classes: int):
-        super().__init__()
-        blocks = int(math.log2(resolution)) - 2
-        top = width * 2 ** (blocks - 1)
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        in_dim = latent_dim * (2 if num_classes else 1)
-        self.project = nn.Sequential(
-            nn.ConvTranspose2d(in_dim, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True)
-        )
-        layers: list[nn.Module] = []
-        ch = top
-        for _ in range(blocks - 1):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
-            ch //= 2
-        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1), nn.Tanh()]
-        self.body = nn.Sequential(*layers)
+class Generator(UpsamplingDecoder):
+    """The DCGAN generator: the shared upsampling decoder with a tanh output in [-1, 1]."""
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            if y is None:
-                raise ValueError("this generator is class-conditional: pass class labels")
-            z = torch.cat([z, self.embed(y)], dim=1)
-        return self.body(self.project(z[:, :, None, None]))
+        return torch.tanh(self.decode(z, y))
 
 
 class Discriminator(nn.Module):

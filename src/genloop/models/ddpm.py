@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genloop.models import GeneratorSpec
+from genloop.models.spec import GeneratorSpec
 
 DEFAULTS: dict[str, Any] = {
     "width": 32,
@@ -119,7 +119,7 @@ class UNet(nn.Module):
                  num_classes: int):
         super().__init__()
         if resolution < 2 ** len(channel_mult):
-            from genloop.errors import ConfigError
+            from genloop.core.errors import ConfigError
 
             raise ConfigError(f"model.ddpm.channel_mult has {len(channel_mult)} levels, too many for "
                               f"{resolution}x{resolution} images (each level halves the side; the last must be >= 2)")

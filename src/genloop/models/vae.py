@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genloop.models import GeneratorSpec
+from genloop.models.blocks import UpsamplingDecoder
+from genloop.models.spec import GeneratorSpec
 
 DEFAULTS: dict[str, Any] = {"latent_dim": 32, "width": 32, "beta": 1.0, "kl_warmup_steps": 200, "lr": 1e-3}
 
@@ -60,33 +61,12 @@ class Encoder(nn.Module):
         return mu, logvar.clamp(-12.0, 8.0)
 
 
-class Decoder(nn.Module):
-    """p(x | z, y): the DCGAN generator's shape, returning images in [-1, 1] (or logits)."""
-
-    def __init__(self, latent_dim: int, width: int, channels: int, resolution: int, num_classes: int):
-        super().__init__()
-        blocks = int(math.log2(resolution)) - 2
-        top = width * 2 ** (blocks - 1)
-        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        in_dim = latent_dim * (2 if num_classes else 1)
-        self.project = nn.Sequential(
-            nn.ConvTranspose2d(in_dim, top, 4, 1, 0, bias=False), nn.BatchNorm2d(top), nn.ReLU(True)
-        )
-        layers: list[nn.Module] = []
-        ch = top
-        for _ in range(blocks - 1):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
-            ch //= 2
-        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1)]
-        self.body = nn.Sequential(*layers)
+class Decoder(UpsamplingDecoder):
+    """p(x | z, y): the shared upsampling decoder (DCGAN's generator shape)."""
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, logits: bool = False) -> torch.Tensor:
         """Images in [-1, 1]; with `logits=True` the Bernoulli logits of pixels in [0, 1]."""
-        if self.embed is not None:
-            if y is None:
-                raise ValueError("this generator is class-conditional: pass class labels")
-            z = torch.cat([z, self.embed(y).to(z.dtype)], dim=1)
-        out = self.body(self.project(z[:, :, None, None]))
+        out = self.decode(z, y)
         # 2 * sigmoid(l) - 1 == tanh(l / 2): the mean image mapped to [-1, 1]
         return out if logits else torch.tanh(0.5 * out)
 

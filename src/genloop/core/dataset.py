@@ -1,0 +1,68 @@
+"""Clean images as one uint8 tensor, resident on the training device when it fits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from genloop.core.errors import StageInputMissing
+from genloop.core.manifest import read_manifest
+from genloop.core.workspace import Workspace
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 N x C x H x W
+    labels: torch.Tensor | None  # long N, indices into classes
+    classes: list[str]
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device) -> ImageSet:
+        labels = self.labels.to(device) if self.labels is not None else None
+        return ImageSet(self.images.to(device), labels, self.classes, self.ids)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def load_split(ws: Workspace, split: str | None, classes: list[str] | None = None) -> ImageSet:
+    """Images of one split ('train', 'holdout', or None for all) from data/clean."""
+    manifest = read_manifest(ws.manifest)
+    rows = manifest if split is None else manifest[manifest["split"] == split]
+    if rows.empty:
+        raise StageInputMissing(f"no {split or ''} images in {ws.manifest}: run `genloop clean`")
+    arrays = []
+    for name in rows["file"]:
+        path = ws.clean / name
+        if not path.exists():
+            raise StageInputMissing(f"{path} is listed in the manifest but missing: rerun `genloop clean`")
+        with Image.open(path) as img:
+            arr = np.asarray(img)
+        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    images = torch.from_numpy(np.stack(arrays))
+    labels = None
+    if classes is None:
+        classes = sorted(rows["label"].dropna().unique().tolist(), key=_natural)
+    if classes and rows["label"].notna().all():
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index.get(str(c), -1) for c in rows["label"]], dtype=torch.long)
+        if (labels < 0).any():
+            labels = None
+    return ImageSet(images, labels, list(classes) if labels is not None else [], rows["id"].tolist())
+
+
+def _natural(label: str) -> tuple[int, object]:
+    return (0, int(label)) if str(label).lstrip("-").isdigit() else (1, str(label))
+
+
+def has_labels(manifest: pd.DataFrame) -> bool:
+    return bool(len(manifest)) and bool(manifest["label"].notna().all())

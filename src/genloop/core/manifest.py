@@ -1,0 +1,83 @@
+"""The pandas schemas of genloop's tables: the raw ledger and the clean manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from genloop.core.errors import StageInputMissing
+from genloop.core.storage import atomic_path
+
+LEDGER_COLUMNS = {
+    "sha256": "string",  # of the collected bytes; also the file's name in data/raw
+    "file": "string",  # path relative to data/raw
+    "source": "string",  # URI of the source it came from
+    "original": "string",  # the name/key it had there
+    "label": "string",  # class label, <NA> if none
+    "collected_at": "string",  # ISO-8601 UTC
+    "provenance": "string",  # JSON: extra facts (model version, seed, rating for feedback)
+    "role": "string",  # train | negative (a rejected generated image: recorded, never trained on)
+}
+ROLE_TRAIN, ROLE_NEGATIVE = "train", "negative"
+FEEDBACK_SOURCE = "feedback:"  # the `source` of images reviewers accepted (or rejected)
+
+MANIFEST_COLUMNS = {
+    "id": "string",  # stable image id (prefix of raw_sha256)
+    "file": "string",  # path relative to data/clean
+    "sha256": "string",  # of the clean PNG
+    "raw_sha256": "string",
+    "pixel_hash": "string",  # sha256 of the normalised pixels (exact duplicates)
+    "phash": "string",  # perceptual hash, hex (near duplicates)
+    "width": "int64",
+    "height": "int64",
+    "mode": "string",
+    "source": "string",
+    "label": "string",
+    "split": "string",  # train | holdout
+}
+
+
+def empty(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Order and type `df`'s columns as the schema says (missing ones become <NA>)."""
+    out = pd.DataFrame(index=df.index)
+    for c, t in columns.items():
+        out[c] = (df[c] if c in df.columns else pd.Series(pd.NA, index=df.index)).astype(t)
+    return out.reset_index(drop=True)
+
+
+def write_table(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
+        conform(df, columns).to_parquet(tmp, index=False)
+
+
+def read_table(path: Path, columns: dict[str, str], what: str, made_by: str) -> pd.DataFrame:
+    if not path.exists():
+        raise StageInputMissing(f"{what} {path} not found: run `genloop {made_by}` first")
+    return conform(pd.read_parquet(path), columns)
+
+
+def read_ledger(path: Path) -> pd.DataFrame:
+    """The ledger; rows of ledgers written before `role` existed are training rows."""
+    ledger = read_table(path, LEDGER_COLUMNS, "ledger", "collect") if path.exists() else empty(LEDGER_COLUMNS)
+    ledger["role"] = ledger["role"].fillna(ROLE_TRAIN)
+    return ledger
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    return read_table(path, MANIFEST_COLUMNS, "manifest", "clean")
+
+
+@dataclass
+class Item:
+    """One file offered by a collect source, before it becomes a ledger row."""
+
+    original: str
+    data: bytes
+    label: str | None = None
+    provenance: dict[str, object] = field(default_factory=dict)

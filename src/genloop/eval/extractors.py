@@ -1,0 +1,298 @@
+"""Feature extractors for evaluation and curation, and nearest-neighbour distances.
+
+Standard Inception features (torchmetrics' port of torch-fidelity's InceptionV3) are used
+when their weights are on disk (`evaluate.inception_weights`, or torch-fidelity's file in
+the torch hub cache) and torch-fidelity is installed. Otherwise genloop trains its own
+in-domain extractor on the clean train split: a small CNN classifier when every image has a
+label, else a convolutional autoencoder. It is cached by data version, so statistics from
+one data version are never reused for another. Every extractor has a `fingerprint` (the
+hash of its weights) that keys cached statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from genloop.core.config import Params
+from genloop.core.dataset import ImageSet, load_split, to_unit
+from genloop.core.errors import ConfigError, GenloopError
+from genloop.core.progress import Progress
+from genloop.core.provenance import data_version
+from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
+from genloop.core.workspace import Workspace
+from genloop.models import load_torch_file
+
+log = logging.getLogger(__name__)
+
+
+class DomainExtractor(nn.Module):
+    """A small CNN: 128-d features; a classifier head, or a decoder when there are no labels.
+
+    Takes images as float in [0, 1] (N, C, H, W), as torchmetrics passes them with
+    normalize=True.
+    """
+
+    num_features = 128
+
+    def __init__(self, channels: int, resolution: int, num_classes: int):
+        super().__init__()
+        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, 1, 1), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(True), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, 1, 1), nn.ReLU(True), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(128 * 16, self.num_features), nn.ReLU(True),
+        )
+        if num_classes:
+            self.head: nn.Module = nn.Linear(self.num_features, num_classes)
+        else:
+            side = resolution // 4
+            self.head = nn.Sequential(
+                nn.Linear(self.num_features, 64 * side * side), nn.ReLU(True),
+                nn.Unflatten(1, (64, side, side)),
+                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),
+                nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Tanh(),
+            )
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        if x.shape[1] != self.channels:  # torchmetrics probes with 3-channel dummies
+            x = x.mean(dim=1, keepdim=True) if self.channels == 1 else x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear")
+        return x * 2 - 1
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self._prep(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and, for the classifier, its class logits (for the Inception Score)."""
+        h = self.features(x)
+        return h, (self.head(h) if self.num_classes else None)
+
+    @torch.no_grad()
+    def realism(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image score in [0, 1]: classifier confidence, or reconstruction quality."""
+        h = self.features(x)
+        if self.num_classes:
+            return F.softmax(self.head(h), dim=1).max(dim=1).values
+        err = (self.head(h) - self._prep(x)).pow(2).flatten(1).mean(1)
+        return torch.exp(-err / 0.05)
+
+
+class InceptionExtractor(nn.Module):
+    """Standard FID Inception (2048-d pool features, 1008 logits) from local weights."""
+
+    num_features = 2048
+    num_classes = 1008
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=str(weights),
+        )
+
+    @staticmethod
+    def _prep(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feats, logits = self.net._torch_fidelity_forward(self._prep(x))  # one pass, both outputs
+        return feats.reshape(len(x), -1), logits.reshape(len(x), -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(x)[0]
+
+
+@dataclass(frozen=True)
+class Extractor:
+    module: DomainExtractor | InceptionExtractor
+    kind: str  # "inception-v3" | "domain-classifier" | "domain-autoencoder"
+    path: Path
+    data_version: str
+    accuracy: float | None
+    reason: str  # why this extractor was chosen
+    fingerprint: str  # sha256 of the weights: part of every statistics cache key
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.kind,
+            "path": str(self.path),
+            "fingerprint": self.fingerprint,
+            "data_version": self.data_version,
+            "train_accuracy": self.accuracy,
+            "features": self.module.num_features,
+            "why": self.reason,
+        }
+
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
+
+
+def inception_weights_path(cfg: Params) -> Path:
+    """Where Inception weights are looked for: evaluate.inception_weights, else the torch hub cache."""
+    if cfg.evaluate.inception_weights:
+        return Path(cfg.evaluate.inception_weights).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def _inception_unavailable(cfg: Params) -> str | None:
+    """Why standard Inception features cannot be used here (None when they can)."""
+    weights = inception_weights_path(cfg)
+    if not weights.is_file():
+        return f"no Inception weights at {weights} (set evaluate.inception_weights to a local copy)"
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return "torch-fidelity (and torchvision) are not installed"
+    return None
+
+
+def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> float | None:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(module.parameters(), lr=2e-3)
+    n, batch = len(data), 128
+    steps = max(1, math.ceil(n / batch)) * epochs
+    gen = torch.Generator().manual_seed(seed)
+    correct = seen = 0
+    module.train()
+    with Progress("extractor", steps, "steps") as bar:
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n, batch):
+                idx = perm[i : i + batch]
+                x = data.images[idx].float() / 255.0
+                h = module.features(x)
+                if module.num_classes:
+                    assert data.labels is not None
+                    logits = module.head(h)
+                    y = data.labels[idx]
+                    loss = F.cross_entropy(logits, y)
+                    if epoch == epochs - 1:
+                        correct += int((logits.argmax(1) == y).sum())
+                        seen += len(idx)
+                else:
+                    loss = F.mse_loss(module.head(h), module._prep(x))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.advance(loss=loss.item())
+    module.eval()
+    return correct / seen if seen else None
+
+
+def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extractor=domain") -> Extractor:
+    """The in-domain extractor for the current data version: loaded if cached, else trained."""
+    version = data_version(ws)
+    data = load_split(ws, "train")
+    channels = data.images.shape[1]
+    key = sha256_bytes(
+        f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{cfg.data.mode}|"
+        f"{cfg.evaluate.extractor_epochs}|{data.classes}".encode()
+    )[:16]
+    path = ws.cache / "extractors" / f"{key}.pt"
+    module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
+    kind = "domain-classifier" if data.classes else "domain-autoencoder"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        fix = "Delete it; the next evaluation retrains the extractor."
+        state = load_torch_file(path, "cached extractor weights", fix=fix)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise GenloopError(f"{path} (cached extractor weights) does not fit the extractor: "
+                               f"{str(exc).splitlines()[0]}. {fix}") from None
+        module.eval()
+        accuracy = json.loads(meta_path.read_text()).get("train_accuracy")
+        log.info("extractor: reusing %s (data version %s)", path, version)
+    else:
+        accuracy = _fit(module, data, cfg.evaluate.extractor_epochs, seed=cfg.evaluate.seed)
+        with atomic_path(path) as tmp:
+            torch.save(module.state_dict(), tmp)
+        write_text_atomic(meta_path, json.dumps({"kind": kind, "data_version": version,
+                                                 "train_accuracy": accuracy}))
+    return Extractor(module, kind, path, version, accuracy, reason, sha256_file(path)[:16])
+
+
+def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
+    """The evaluation extractor: Inception when allowed and its weights are local, else in-domain."""
+    choice = cfg.evaluate.extractor
+    if choice == "domain":
+        return domain_extractor(cfg, ws)
+    unavailable = _inception_unavailable(cfg)
+    if unavailable is None:
+        path = inception_weights_path(cfg)
+        module = InceptionExtractor(path)
+        reason = f"evaluate.extractor={choice}: standard Inception weights found at {path}"
+        return Extractor(module, "inception-v3", path, data_version(ws), None, reason, sha256_file(path)[:16])
+    if choice == "inception":
+        raise ConfigError(
+            f"evaluate.extractor=inception but {unavailable}; "
+            "use evaluate.extractor=auto to fall back to the in-domain extractor"
+        )
+    return domain_extractor(cfg, ws, reason=f"auto: {unavailable}")
+
+
+@torch.no_grad()
+def embed(module: nn.Module, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Features of uint8 NCHW images."""
+    return embed_with_logits(module, images, batch)[0]
+
+
+@torch.no_grad()
+def embed_with_logits(
+    module: nn.Module, images: torch.Tensor, batch: int = 512
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features of uint8 NCHW images and the extractor's class logits (None without a classifier)."""
+    feats, logits = [], []
+    for i in range(0, len(images), batch):
+        f, lg = module.features_and_logits(images[i : i + batch].float() / 255.0)
+        feats.append(f.float())
+        if lg is not None:
+            logits.append(lg.float())
+    return torch.cat(feats), (torch.cat(logits) if logits else None)
+
+
+@torch.no_grad()
+def nearest(query: torch.Tensor, bank: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance to, and index of, each query feature's nearest neighbour in `bank`."""
+    dists, idxs = [], []
+    for i in range(0, len(query), batch):
+        d = torch.cdist(query[i : i + batch], bank)
+        m = d.min(dim=1)
+        dists.append(m.values)
+        idxs.append(m.indices)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def novelty_scale(holdout_feats: torch.Tensor, train_feats: torch.Tensor) -> float:
+    """Median distance from a real unseen image to its nearest training image: the unit
+    that makes novelty comparable across extractors (1.0 ~ as novel as fresh real data)."""
+    d, _ = nearest(holdout_feats, train_feats)
+    return float(d.median().clamp_min(1e-8))
+
+
+def to_nchw_uint8(nhwc: torch.Tensor | object) -> torch.Tensor:
+    t = torch.as_tensor(nhwc)
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+__all__ = ["Extractor", "DomainExtractor", "InceptionExtractor", "get_extractor", "domain_extractor", "embed",
+           "embed_with_logits", "nearest", "novelty_scale", "to_nchw_uint8", "to_unit"]

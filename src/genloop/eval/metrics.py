@@ -1,0 +1,136 @@
+"""Distribution metrics of generated images, computed from extractor features.
+
+The computations are torchmetrics' (FID, KID, Inception Score) and prdc's (precision,
+recall, density, coverage: Kynkäänniemi et al. 2019, Naeem et al. 2020). genloop extracts
+features once and feeds them through a pass-through module, so the same features serve
+every metric, the reference statistics can be cached, and the bootstrap of the promotion
+gate resamples feature rows instead of re-running the extractor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from genloop.eval.extractors import nearest
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("fid", "kid_mean")
+
+
+class _Precomputed(nn.Module):
+    """Hands torchmetrics features that were already extracted."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FidAgainst:
+    """FID against fixed real features: the real statistics are computed once (torchmetrics
+    keeps them across `reset()` with reset_real_features=False), each call adds a fake set."""
+
+    def __init__(self, real: torch.Tensor):
+        self.metric = FrechetInceptionDistance(
+            feature=_Precomputed(real.shape[1]), reset_real_features=False
+        ).double()
+        self.metric.update(real.double(), real=True)
+
+    def __call__(self, fake: torch.Tensor) -> float:
+        self.metric.reset()
+        self.metric.update(fake.double(), real=False)
+        return float(self.metric.compute())
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, seed: int, subsets: int = 100) -> tuple[float, float]:
+    """KID mean and std over random subsets (torchmetrics), reproducible by `seed`."""
+    size = max(2, min(subset_size, len(real), len(fake)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # KID draws its subsets from torch's global generator
+    try:
+        mean, std = metric.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return float(mean), float(std)
+
+
+def inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
+    """Inception Score mean and std over `splits` (torchmetrics), from class logits."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=min(splits, len(logits)))
+    metric.update(logits)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # torchmetrics shuffles before splitting
+    try:
+        mean, std = metric.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return float(mean), float(std)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
+    """Precision, recall, density and coverage of equal-sized real and fake feature sets (prdc)."""
+    from prdc import compute_prdc
+
+    n = min(len(real), len(fake))
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        out = compute_prdc(real[:n].numpy(), fake[:n].numpy(), nearest_k=k)
+    return {name: float(value) for name, value in out.items()} | {"pr_samples": n}
+
+
+@dataclass(frozen=True)
+class Memorisation:
+    """Each sample's distance to its nearest training image, in novelty units."""
+
+    novelty: torch.Tensor  # (n_fake,)
+    nearest_index: torch.Tensor  # index into the training set
+    threshold: float
+
+    @property
+    def memorised(self) -> torch.Tensor:
+        return self.novelty < self.threshold
+
+    @property
+    def share(self) -> float:
+        return float(self.memorised.float().mean())
+
+
+def memorisation(fake: torch.Tensor, train: torch.Tensor, unit: float, threshold: float) -> Memorisation:
+    """Nearest training image of every sample, distances divided by `unit` (the median
+    distance of a fresh real image to the training set)."""
+    dist, idx = nearest(fake, train)
+    return Memorisation(dist / unit, idx, threshold)
+
+
+def suite(
+    real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor | None, *, kid_subset_size: int,
+    is_splits: int, pr_neighbourhood: int, seed: int,
+) -> dict[str, float | None]:
+    """Every distribution metric of `fake` against `real` features."""
+    kid_mean, kid_std = kid(real, fake, kid_subset_size, seed)
+    out: dict[str, float | None] = {"fid": FidAgainst(real)(fake), "kid_mean": kid_mean, "kid_std": kid_std}
+    if fake_logits is not None:
+        out["inception_score"], out["inception_score_std"] = inception_score(fake_logits, is_splits)
+    else:
+        out["inception_score"] = out["inception_score_std"] = None  # an autoencoder has no classes
+    out.update(precision_recall(real, fake, pr_neighbourhood))
+    return out

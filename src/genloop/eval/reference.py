@@ -1,0 +1,88 @@
+"""Reference statistics: the real images every generator is compared with, as features.
+
+The holdout split (set aside by `clean`, stable by image hash) is the real reference; the
+train split is the bank for the memorisation check. Their features, the novelty unit and
+the real-vs-real floor are cached under `.genloop/cache/reference/` by a key made of the
+data version, the clean manifest's content hash, the extractor's kind and weights
+fingerprint and the sample counts. Never by path: a new data version or a retrained
+extractor always misses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from genloop.core.config import Params
+from genloop.core.dataset import ImageSet, load_split
+from genloop.core.provenance import data_version
+from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
+from genloop.core.workspace import Workspace
+from genloop.eval.extractors import Extractor, embed, novelty_scale
+from genloop.eval.metrics import FidAgainst, kid
+from genloop.models import load_torch_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reference:
+    key: str
+    holdout: torch.Tensor  # features of the real reference images
+    train: torch.Tensor  # features of the training images (memorisation bank)
+    train_ids: list[str]
+    novelty_unit: float  # median distance of a holdout image to its nearest training image
+    floor: dict[str, float]  # FID/KID of real training images against the holdout
+    cached: bool  # True when loaded from the cache
+
+    def describe(self) -> dict[str, object]:
+        return {"key": self.key, "n_holdout": len(self.holdout), "n_train": len(self.train),
+                "novelty_unit": round(self.novelty_unit, 6), "cached": self.cached}
+
+
+def reference_key(ws: Workspace, extractor: Extractor, n_holdout: int, n_train: int, n_samples: int) -> str:
+    """The cache key: what the statistics depend on, never where files are."""
+    parts = [data_version(ws), sha256_file(ws.manifest), extractor.kind, extractor.fingerprint,
+             str(n_holdout), str(n_train), str(n_samples)]
+    return sha256_bytes("|".join(parts).encode())[:20]
+
+
+def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Reference, ImageSet]:
+    """The reference statistics for this data version and extractor (cached), plus the
+    training images (the memorisation grid shows them beside their nearest samples)."""
+    holdout_set = load_split(ws, "holdout")
+    train_set = load_split(ws, "train")
+    n_samples = cfg.evaluate.n_samples
+    key = reference_key(ws, extractor, len(holdout_set), len(train_set), n_samples)
+    path = ws.cache / "reference" / f"{key}.pt"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        tensors = load_torch_file(path, "cached reference statistics", keys=("holdout", "train"),
+                                  fix="Delete it; the next evaluation recomputes it.")
+        meta = json.loads(meta_path.read_text())
+        log.info("reference statistics: cache hit %s", key)
+        ref = Reference(key, tensors["holdout"], tensors["train"], meta["train_ids"], meta["novelty_unit"],
+                        meta["floor"], cached=True)
+        return ref, train_set
+    holdout = embed(extractor.module, holdout_set.images)
+    train = embed(extractor.module, train_set.images)
+    floor_n = min(len(train), max(len(holdout), n_samples))
+    kid_mean, _ = kid(holdout, train[:floor_n], cfg.evaluate.kid_subset_size, cfg.evaluate.seed)
+    floor = {"fid": FidAgainst(holdout)(train[:floor_n]), "kid_mean": kid_mean, "n": floor_n}
+    unit = novelty_scale(holdout, train)
+    _save(path, {"holdout": holdout, "train": train},
+          {"train_ids": train_set.ids, "novelty_unit": unit, "floor": floor, "data_version": data_version(ws),
+           "extractor": extractor.kind, "extractor_fingerprint": extractor.fingerprint})
+    log.info("reference statistics: computed %s (%d holdout, %d train images)", key, len(holdout), len(train))
+    return Reference(key, holdout, train, train_set.ids, unit, floor, cached=False), train_set
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+    """Tensors first, metadata last: the metadata's presence marks a complete entry."""
+    with atomic_path(path) as tmp:
+        torch.save(tensors, tmp)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta))

@@ -1,0 +1,223 @@
+"""clean: turn data/raw into normalised, deduplicated training images plus a manifest.
+
+Every raw file is decoded fully (corrupt, truncated, empty, non-image, bombs and blank
+images are dropped with a reason), converted to `data.mode`, square-cropped and resized to
+`data.resolution`, and re-encoded without metadata. Exact duplicates (same pixels) and
+near duplicates (perceptual hash within `clean.near_duplicate_distance`) are dropped.
+Per-file results are cached by (raw sha256, normalisation params), so a second clean over
+an unchanged data/raw decodes nothing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from genloop.core.config import Params
+from genloop.core.errors import StageInputMissing
+from genloop.core.images import RejectedImage, normalise
+from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
+from genloop.core.progress import Progress
+from genloop.core.storage import atomic_outputs, sha256_bytes, write_bytes_atomic
+from genloop.core.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+CACHE_COLUMNS = {
+    "raw_sha256": "string",
+    "reason": "string",  # <NA> when kept
+    "pixel_hash": "string",
+    "phash": "string",
+    "width": "Int64",
+    "height": "Int64",
+    "original_mode": "string",
+    "note": "string",  # <NA> unless reading it needed a choice (an animation: its first frame)
+}
+
+
+def _cache_dir(cfg: Params, ws: Workspace) -> Path:
+    key = cfg.section_hash("data", "clean")
+    return ws.cache / "clean" / key
+
+
+def _load_cache(cache: Path) -> pd.DataFrame:
+    index = cache / "index.parquet"
+    if index.exists():
+        table = pd.read_parquet(index)
+        if set(CACHE_COLUMNS) <= set(table.columns):  # an index from before a column was added: redo
+            return table[list(CACHE_COLUMNS)].astype(CACHE_COLUMNS)
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
+
+
+def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, cache: Path) -> tuple[pd.DataFrame, int]:
+    """Normalise every ledger file not yet in the cache; return the cache index and #new."""
+    index = _load_cache(cache)
+    done = set(index["raw_sha256"])
+    todo = ledger[~ledger["sha256"].isin(done)]
+    rows: list[dict[str, object]] = []
+    with Progress("clean", len(todo), "files") as bar:
+        for sha, rel in zip(todo["sha256"], todo["file"], strict=True):
+            row: dict[str, object] = {"raw_sha256": sha}
+            path = ws.raw / rel
+            try:
+                if not path.exists():
+                    raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`")
+                out = normalise(
+                    path.read_bytes(),
+                    mode=cfg.data.mode,
+                    resolution=cfg.data.resolution,
+                    max_pixels=cfg.clean.max_pixels,
+                    min_side=cfg.clean.min_side,
+                    blank_std=cfg.clean.blank_std,
+                )
+            except RejectedImage as exc:
+                row["reason"] = str(exc)
+            else:
+                write_bytes_atomic(cache / f"{sha}.png", out.png)
+                row.update(
+                    pixel_hash=out.pixel_hash,
+                    phash=out.phash,
+                    width=out.width,
+                    height=out.height,
+                    original_mode=out.original_mode,
+                    note=out.note,
+                )
+            rows.append(row)
+            bar.advance(dropped=sum(1 for r in rows if "reason" in r))
+    if rows:
+        index = pd.concat([index, pd.DataFrame(rows)], ignore_index=True).astype(CACHE_COLUMNS)
+        write_table_any(index, cache / "index.parquet")
+    return index, len(rows)
+
+
+def write_table_any(df: pd.DataFrame, path: Path) -> None:
+    from genloop.core.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def near_duplicate_pairs(phashes: list[str], max_distance: int, chunk: int = 2048) -> list[tuple[int, int]]:
+    """Index pairs (i < j) whose perceptual hashes differ in at most `max_distance` bits."""
+    if not phashes:
+        return []
+    hashes = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start : start + chunk]
+        dist = np.bitwise_count(block[:, None] ^ hashes[None, :])
+        ii, jj = np.nonzero(dist <= max_distance)
+        ii = ii + start
+        keep = jj > ii
+        pairs.extend(zip(ii[keep].tolist(), jj[keep].tolist(), strict=True))
+    return pairs
+
+
+def _dedupe(kept: pd.DataFrame, max_distance: int) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Drop exact then near duplicates, keeping the first of each group (stable order)."""
+    dropped: list[dict[str, str]] = []
+    first = kept.drop_duplicates("pixel_hash", keep="first")
+    for sha, ph in kept.loc[~kept.index.isin(first.index), ["raw_sha256", "pixel_hash"]].itertuples(
+        index=False
+    ):
+        twin = first.loc[first["pixel_hash"] == ph, "raw_sha256"].iloc[0]
+        dropped.append({"raw_sha256": sha, "reason": f"exact duplicate of {twin[:16]}"})
+    kept = first.reset_index(drop=True)
+    if max_distance >= 0 and len(kept):
+        removed: set[int] = set()
+        for i, j in sorted(near_duplicate_pairs(kept["phash"].tolist(), max_distance)):
+            if i in removed or j in removed:
+                continue
+            removed.add(j)
+            dropped.append(
+                {
+                    "raw_sha256": kept.at[j, "raw_sha256"],
+                    "reason": f"near duplicate of {kept.at[i, 'raw_sha256'][:16]} "
+                    f"(perceptual hash distance <= {max_distance})",
+                }
+            )
+        kept = kept.drop(index=sorted(removed)).reset_index(drop=True)
+    return kept, dropped
+
+
+def _split(raw_sha: str, holdout_fraction: float) -> str:
+    """A stable split: the same image is in the same split in every data version."""
+    return "holdout" if int(raw_sha[:8], 16) / 0xFFFFFFFF < holdout_fraction else "train"
+
+
+def _publish(cache: Path, rows: pd.DataFrame, folder: Path) -> None:
+    """Fill the (temporary) folder that becomes data/clean with the kept images."""
+    for sha, name in zip(rows["raw_sha256"], rows["file"], strict=True):
+        src, dst = cache / f"{sha}.png", folder / name
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, object]:
+    """Clean data/raw into data/clean + data/manifest.parquet + reports/clean.json."""
+    if not ws.ledger.exists():
+        raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first")
+    ledger = read_ledger(ws.ledger)
+    negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
+    ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
+    cache = _cache_dir(cfg, ws)
+    index, processed = _process(cfg, ws, ledger, cache)
+    results = ledger.merge(index, left_on="sha256", right_on="raw_sha256", how="left")
+    rejected = results[results["reason"].notna()]
+    kept, dup_drops = _dedupe(results[results["reason"].isna()].reset_index(drop=True),
+                              cfg.clean.near_duplicate_distance)
+
+    kept = kept.assign(
+        id=kept["raw_sha256"].str.slice(0, 16),
+        mode=cfg.data.mode,
+        # generated images (source feedback:) always train: the holdout is evaluation's *real* reference
+        split=[("train" if src == FEEDBACK_SOURCE else _split(s, cfg.data.holdout_fraction))
+               for s, src in zip(kept["raw_sha256"], kept["source"], strict=True)],
+    )
+    kept["file"] = kept["id"] + ".png"
+    kept["sha256"] = [sha256_bytes((cache / f"{s}.png").read_bytes()) for s in kept["raw_sha256"]]
+    kept["width"] = cfg.data.resolution
+    kept["height"] = cfg.data.resolution
+
+    by_sha = ledger.set_index("sha256")
+    dropped = [
+        {"raw_sha256": s, "reason": r} for s, r in zip(rejected["sha256"], rejected["reason"], strict=True)
+    ] + dup_drops
+    for d in dropped:
+        d["file"] = f"data/raw/{by_sha.at[d['raw_sha256'], 'file']}"
+        d["original"] = str(by_sha.at[d["raw_sha256"], "original"])
+        d["source"] = str(by_sha.at[d["raw_sha256"], "source"])
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        kind = d["reason"].split(":")[0].split(" (")[0].split(" of ")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    report = {
+        "raw": len(ledger),
+        "negatives_skipped": negatives,
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "dropped_by_reason": reasons,
+        "decoded": processed,
+        "reused": len(ledger) - processed,
+        "splits": kept["split"].value_counts().to_dict(),
+        "dropped_files": sorted(dropped, key=lambda d: d["file"]),
+        # kept images read with a choice made (an animation: only its first frame is used)
+        "notes": sorted(({"raw_sha256": s, "id": i, "file": f"data/raw/{by_sha.at[s, 'file']}",
+                          "original": str(by_sha.at[s, "original"]), "note": n}
+                         for s, i, n in zip(kept["raw_sha256"], kept["id"], kept["note"], strict=True)
+                         if isinstance(n, str)), key=lambda d: d["file"]),
+    }
+    with atomic_outputs() as out:  # data/clean, the manifest and the report: all three or none
+        _publish(cache, kept, out.folder(ws.clean))
+        conform(kept, MANIFEST_COLUMNS).to_parquet(out.file(ws.manifest), index=False)
+        out.write_json(ws.report("clean"), report)
+    log.info("clean: kept %d of %d (%d dropped, %d decoded, %d reused)",
+             len(kept), len(ledger), len(dropped), processed, len(ledger) - processed)
+    return {k: v for k, v in report.items() if k not in ("dropped_files", "notes")} | {"notes": len(report["notes"])}

@@ -1,0 +1,147 @@
+"""evaluate: score models/generator.pt against the held-out real images.
+
+Metrics: FID, KID (mean ± std), Inception Score (from the extractor's class logits) and
+precision/recall/density/coverage, all from the named feature extractor (see
+genloop.eval.extractors and genloop.eval.metrics). For scale, `fid_real_floor` is the FID of real
+training images against the holdout: a perfect generator scores about that.
+
+Memorisation: every sample's distance to its nearest training image, in novelty units
+(1.0 ~ as far as a fresh real image is), goes to reports/memorisation.csv; the share below
+`evaluate.memorisation_threshold` is in the report and the closest pairs are logged as a
+grid. Each evaluation also appends a row to reports/eval_history.csv, the metric curves
+across loop iterations (dvc plots, and `history_*` metrics of the MLflow run).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+
+from genloop.core.config import Params
+from genloop.core.grids import make_grid
+from genloop.core.provenance import data_version
+from genloop.core.storage import atomic_path, read_json, sha256_file, write_json_atomic
+from genloop.core.workspace import Workspace
+from genloop.eval.extractors import get_extractor
+from genloop.eval.generator_eval import GeneratorEval, evaluate_generator
+from genloop.eval.reference import load_reference
+from genloop.mlops import tracking
+from genloop.models import load_generator, sample
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["iteration", "time", "data_version", "generator", "extractor", "fid", "kid_mean",
+                   "inception_score", "precision", "recall", "memorised_share"]
+HISTORY_METRICS = ("fid", "kid_mean", "inception_score", "precision", "recall", "memorised_share")
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _append_history(ws: Workspace, row: dict[str, Any]) -> pd.DataFrame:
+    """Add this evaluation to reports/eval_history.csv (replacing a re-evaluation of the same
+    generator on the same data) and return the whole history."""
+    path = ws.reports / "eval_history.csv"
+    history = pd.read_csv(path, dtype={"generator": str}) if path.exists() else pd.DataFrame(columns=HISTORY_COLUMNS)
+    same = (history["generator"] == row["generator"]) & (history["data_version"] == row["data_version"])
+    history = history[~same]
+    row["iteration"] = int(history["iteration"].max()) + 1 if len(history) else 0
+    new = pd.DataFrame([row], columns=HISTORY_COLUMNS)
+    history = pd.concat([history, new], ignore_index=True) if len(history) else new
+    with atomic_path(path) as tmp:
+        history.to_csv(tmp, index=False)
+    return history
+
+
+def _memorisation_table(result: GeneratorEval, train_ids: list[str]) -> pd.DataFrame:
+    mem = result.memorisation
+    return pd.DataFrame({
+        "sample": range(len(mem.novelty)),
+        "seed": result.seed,
+        "novelty": mem.novelty.numpy().round(6),
+        "nearest_train_id": [train_ids[i] for i in mem.nearest_index.tolist()],
+        "memorised": mem.memorised.numpy(),
+    })
+
+
+def closest_pairs_grid(result: GeneratorEval, train_images: torch.Tensor, pairs: int = 8) -> Any:
+    """The samples nearest to a training image, each beside that training image."""
+    mem = result.memorisation
+    closest = torch.argsort(mem.novelty)[:pairs]
+    tiles = torch.stack([result.images[closest], train_images[mem.nearest_index[closest]]], dim=1).flatten(0, 1)
+    return make_grid(tiles.permute(0, 2, 3, 1).numpy(), columns=2, scale=3)
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Evaluate models/generator.pt against the holdout split; write reports/eval.json."""
+    e = cfg.evaluate
+    generator, spec = load_generator(ws.generator)
+    extractor = get_extractor(cfg, ws)
+    ref, train_set = load_reference(cfg, ws, extractor)
+    generator_sha = sha256_file(ws.generator)
+    started = time.perf_counter()
+    result = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), generator_sha,
+                                extractor, ref)
+    seconds = time.perf_counter() - started
+    mem = result.memorisation
+    memorisation = {
+        "novelty_unit": round(ref.novelty_unit, 6),
+        "threshold": e.memorisation_threshold,
+        "share_below_threshold": round(mem.share, 6),
+        "n_memorised": int(mem.memorised.sum()),
+        "median_novelty": round(float(mem.novelty.median()), 6),
+        "per_sample": "reports/memorisation.csv",
+    }
+    report: dict[str, Any] = {
+        "data_version": data_version(ws),
+        "generator_sha256": generator_sha,
+        "train_run_id": read_json(ws.report("train")).get("run_id") if ws.report("train").exists() else None,
+        "extractor": extractor.describe(),
+        "reference": ref.describe(),
+        "n_real": len(ref.holdout),
+        "n_fake": len(result.features),
+        "seed": e.seed,
+        **_rounded(result.metrics),
+        "fid_real_floor": round(ref.floor["fid"], 6),
+        "kid_real_floor": round(ref.floor["kid_mean"], 6),
+        "memorisation": memorisation,
+        "seconds": round(seconds, 3),
+    }
+    table = _memorisation_table(result, ref.train_ids)
+    with atomic_path(ws.reports / "memorisation.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    history = _append_history(ws, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data_version": report["data_version"],
+        "generator": generator_sha[:12], "extractor": f"{extractor.kind}:{extractor.fingerprint}",
+        **{k: (mem.share if k == "memorised_share" else result.metrics.get(k)) for k in HISTORY_METRICS},
+    })
+    sample_grid = make_grid(result.images[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None, scale=2)
+    pair_grid = closest_pairs_grid(result, train_set.images)
+    with tracking.stage_run(ws, cfg, "evaluate") as run:
+        tracking.log_metrics({k: v for k, v in result.metrics.items() if v is not None} | {
+            "fid_real_floor": ref.floor["fid"], "memorised_share": mem.share, "eval_seconds": seconds})
+        for _, row in history.iterrows():  # the curves across loop iterations, in one run
+            tracking.log_metrics({f"history_{k}": row[k] for k in HISTORY_METRICS if pd.notna(row[k])},
+                                 step=int(row["iteration"]))
+        tracking.tag_run({"genloop.extractor": extractor.kind, "genloop.extractor_fingerprint": extractor.fingerprint,
+                          "genloop.reference_key": ref.key})
+        tracking.log_image(sample_grid, "eval/samples.png")
+        tracking.log_image(pair_grid, "eval/closest_to_training.png")
+        tracking.log_artifact(ws.reports / "memorisation.csv", "eval")
+        tracking.log_json(report, "eval/eval.json")
+        report["run_id"] = run.info.run_id
+    with atomic_path(ws.reports / "eval_samples.png") as tmp:
+        sample_grid.save(tmp, format="PNG")
+    write_json_atomic(ws.report("eval"), report)
+    log.info("evaluate: FID %.3f (floor %.3f), KID %.4f±%.4f, precision %.3f, recall %.3f, memorised %.1f%% with %s",
+             result.metrics["fid"], ref.floor["fid"], result.metrics["kid_mean"], result.metrics["kid_std"],
+             result.metrics["precision"], result.metrics["recall"], 100 * mem.share, extractor.kind)
+    keys = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "fid_real_floor", "n_real",
+            "n_fake")
+    return {k: report[k] for k in keys} | {"memorised_share": memorisation["share_below_threshold"],
+                                          "extractor": extractor.kind}

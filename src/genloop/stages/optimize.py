@@ -1,0 +1,105 @@
+"""optimize: score the generated batch, drop near-copies of training images, keep the best.
+
+Realism comes from the evaluation feature extractor (classifier confidence, or
+reconstruction quality without labels); novelty is the distance to the nearest training
+image in feature space, in units of the typical distance of an unseen real image
+(1.0 ~ as novel as fresh real data, ~0 a copy). Curated images and their scores land in
+outputs/curated/<model version>/ and, with `optimize.sink` set, in <sink>/<model version>/
+(scores.parquet last, marking a complete batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from genloop.core.config import Params
+from genloop.core.dataset import load_split
+from genloop.core.errors import StageInputMissing
+from genloop.core.grids import make_grid
+from genloop.core.storage import atomic_dir, join_s3_uri, read_json, upload_dir, write_json_atomic
+from genloop.core.workspace import Workspace
+from genloop.eval.extractors import domain_extractor, embed, nearest, novelty_scale
+from genloop.feedback import tuning
+from genloop.mlops import tracking
+
+log = logging.getLogger(__name__)
+
+
+def combined_score(realism: np.ndarray, novelty: np.ndarray, w_real: float, w_novel: float) -> np.ndarray:
+    """Weighted realism plus novelty (capped at 1.5: past that, more novel is not better)."""
+    return w_real * realism + w_novel * np.minimum(novelty, 1.5) / 1.5
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Curate the latest generated batch into outputs/curated/<version>/."""
+    o = cfg.optimize
+    if not ws.report("generate").exists():
+        raise StageInputMissing(f"{ws.report('generate')} not found: run `genloop generate` first")
+    gen = read_json(ws.report("generate"))
+    version = str(gen["model_version"])
+    src = ws.generated / version
+    batch = pd.read_parquet(src / "manifest.parquet")
+    arrays = [np.asarray(Image.open(src / f)) for f in batch["file"]]
+    images = torch.from_numpy(np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]))
+
+    extractor = domain_extractor(cfg, ws, reason="optimize scores realism with the in-domain extractor")
+    train_set = load_split(ws, "train")
+    train_feats = embed(extractor.module, train_set.images)
+    scale = novelty_scale(embed(extractor.module, load_split(ws, "holdout").images), train_feats)
+    dist, idx = nearest(embed(extractor.module, images), train_feats)
+    novelty = (dist / scale).numpy()
+    realism = torch.cat([extractor.module.realism(images[i : i + 512].float() / 255.0)
+                         for i in range(0, len(images), 512)]).numpy()
+    scores = batch.assign(
+        realism=realism,
+        novelty=novelty,
+        nearest_train_id=[train_set.ids[i] for i in idx.tolist()],
+        score=combined_score(realism, novelty, o.realism_weight, o.novelty_weight),
+    )
+    scores["near_copy"] = scores["novelty"] < o.min_novelty
+    eligible = scores[~scores["near_copy"]].sort_values("score", ascending=False)
+    kept = eligible.head(o.keep)
+    scores["kept"] = scores.index.isin(kept.index)
+
+    target = ws.curated / version
+    with atomic_dir(target) as tmp:
+        for f in kept["file"]:
+            shutil.copyfile(src / f, tmp / f)
+        scores.to_parquet(tmp / "scores.parquet", index=False)
+        if len(kept):
+            grid_imgs = np.stack([arrays[i] if arrays[i].ndim == 3 else arrays[i][:, :, None]
+                                  for i in kept.index[:80]])
+            make_grid(grid_imgs, scale=2).save(tmp / "grid.png")
+    sink = join_s3_uri(o.sink, version) if o.sink else None
+    uploaded = upload_dir(target, sink) if sink else []
+    summary = {
+        "model_version": version,
+        "generated": len(scores),
+        "near_copies_dropped": int(scores["near_copy"].sum()),
+        "kept": len(kept),
+        "folder": str(target),
+        "mean_score_kept": round(float(kept["score"].mean()), 6) if len(kept) else None,
+        "mean_realism_all": round(float(scores["realism"].mean()), 6),
+        "mean_novelty_all": round(float(scores["novelty"].mean()), 6),
+        "extractor": extractor.kind,
+        "sink": sink,
+        "sink_objects": len(uploaded),
+    }
+    with tracking.stage_run(ws, cfg, "optimize"):
+        tracking.log_metrics({k: v for k, v in summary.items()
+                              if isinstance(v, int | float) and not isinstance(v, bool)})
+        if (target / "grid.png").exists():
+            tracking.log_artifact(target / "grid.png", "curated")
+        # this iteration becomes a trial of the tuning study; its proposal: reports/next_params.yaml
+        summary["autotune"] = tuning.step(cfg, ws)
+    write_json_atomic(ws.report("optimize"), summary)
+    log.info("optimize: kept %d of %d (%d near-copies dropped) in %s",
+             len(kept), len(scores), summary["near_copies_dropped"], target)
+    return summary

@@ -1,0 +1,274 @@
+"""train: fit the generator on data/clean's train split and log it all to MLflow.
+
+The whole dataset sits on the training device as uint8 (no DataLoader); batches are drawn
+from a seeded permutation. EMA weights are kept and are what evaluation and generation
+use. Checkpoints (models, optimizers, EMA, RNG states, step) are written every
+`train.checkpoint_every` steps; with `train.resume: auto` a rerun continues from the last
+one, so a killed run loses at most that many steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from torch.optim.swa_utils import AveragedModel
+
+from genloop.core.config import Params
+from genloop.core.dataset import ImageSet, load_split, to_unit
+from genloop.core.grids import make_grid
+from genloop.core.progress import Progress
+from genloop.core.provenance import data_version
+from genloop.core.storage import atomic_path, read_json, sha256_bytes, write_json_atomic, write_text_atomic
+from genloop.core.workspace import Workspace
+from genloop.mlops import tracking
+from genloop.models import GeneratorSpec, distributed, family, load_torch_file, sample, save_generator
+from genloop.models.device import Runtime, runtime
+
+log = logging.getLogger(__name__)
+GRID_SEED = 7
+
+
+def _spec(cfg: Params, data: ImageSet) -> GeneratorSpec:
+    conditional = cfg.model.conditional == "yes" or (
+        cfg.model.conditional == "auto" and data.labels is not None
+    )
+    if cfg.model.conditional == "yes" and data.labels is None:
+        from genloop.core.errors import ConfigError
+
+        raise ConfigError("model.conditional=yes but the dataset has no labels on every image")
+    hparams = getattr(cfg.model, cfg.model.family).model_dump()
+    return GeneratorSpec(
+        family=cfg.model.family,
+        resolution=cfg.data.resolution,
+        channels=1 if cfg.data.mode == "L" else 3,
+        classes=data.classes if conditional else [],
+        hparams=hparams,
+    )
+
+
+class EmaUpdater:
+    """Updates an AveragedModel (whose state dict the checkpoints hold) as an EMA of the model's
+    weights and buffers, with a decay that ramps up as min(decay, (1 + n) / (10 + n)) so a short
+    run's EMA is not mostly the random initialisation.
+
+    Cheaper than AveragedModel.update_parameters: the tensor lists are built once and updated
+    with one foreach lerp, and the update count is read from the device once (a resumed run
+    continues the same ramp)."""
+
+    def __init__(self, ema: AveragedModel, decay: float) -> None:
+        self.ema = ema
+        self.decay = decay
+        self._n: int | None = None
+        self._float: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._other: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> None:
+        if self._n is None:
+            mine = [*self.ema.module.parameters(), *self.ema.module.buffers()]
+            theirs = [*model.parameters(), *model.buffers()]
+            pairs = list(zip(mine, theirs, strict=True))
+            self._float = ([e.detach() for e, m in pairs if e.is_floating_point()],
+                           [m.detach() for e, m in pairs if e.is_floating_point()])
+            self._other = [(e.detach(), m.detach()) for e, m in pairs if not e.is_floating_point()]
+            self._n = int(self.ema.n_averaged)
+        n = self._n
+        d = 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))  # the first update copies
+        torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - d)
+        for e, m in self._other:  # integer buffers (BatchNorm's batch counter)
+            e.copy_(e * d + m * (1 - d))
+        self.ema.n_averaged += 1
+        self._n = n + 1
+
+
+def checkpoint_dir(cfg: Params, ws: Workspace, world_size: int = 1) -> Path:
+    """Checkpoints are shared only by runs with the same data and training settings."""
+    t = cfg.train
+    key = sha256_bytes(
+        f"{data_version(ws)}|{cfg.section_hash('data', 'model')}|"
+        f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}|{world_size}".encode()
+    )[:16]
+    return ws.cache / "checkpoints" / key
+
+
+def _save_checkpoint(path: Path, trainer: Any, ema: AveragedModel, state: dict[str, Any]) -> None:
+    payload = {
+        "modules": {k: distributed.unwrap(m).state_dict() for k, m in trainer.modules().items()},
+        "optimizers": {k: o.state_dict() for k, o in trainer.optimizers().items()},
+        "ema": ema.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+CHECKPOINT_KEYS = ("modules", "optimizers", "ema", "torch_rng", "cuda_rng", "step", "epoch_rng_state")
+
+
+def _load_checkpoint(path: Path, trainer: Any, ema: AveragedModel) -> dict[str, Any]:
+    payload = load_torch_file(path, "training checkpoint", keys=CHECKPOINT_KEYS,
+                              fix="Delete it to train from step 0 (or set train.resume=never).")
+    for k, m in trainer.modules().items():
+        distributed.unwrap(m).load_state_dict(payload["modules"][k])
+    for k, o in trainer.optimizers().items():
+        o.load_state_dict(payload["optimizers"][k])
+    ema.load_state_dict(payload["ema"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    return payload
+
+
+def _grid(ema: AveragedModel, spec: GeneratorSpec, n: int) -> Any:
+    images = sample(ema.module, spec, n, seed=GRID_SEED)
+    return make_grid(images, columns=spec.num_classes or None, scale=2)
+
+
+def _launch_distributed(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Run this stage under torchrun with `train.gpus` processes; their rank 0 writes the report."""
+    params_file = ws.cache / "torchrun" / "params.yaml"
+    write_text_atomic(params_file, yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    distributed.launch(cfg.train.gpus, params_file, ws.root)
+    return read_json(ws.report("train"))
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Train the configured family; write models/generator.pt(+.json) and reports/train.*
+
+    With `train.gpus` > 1 (and not yet under torchrun) the stage relaunches itself as that
+    many DDP processes and returns rank 0's summary.
+    """
+    world = distributed.current()
+    if cfg.train.gpus > 1 and not world.distributed:
+        return _launch_distributed(cfg, ws)
+    rt = runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    with distributed.process_group(world, rt.device):
+        return _train(cfg, ws, rt, world)
+
+
+def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) -> dict[str, Any]:
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    data = load_split(ws, "train")
+    spec = _spec(cfg, data)
+    labels_on = bool(spec.classes)
+    data = data.to(rt.device)
+    trainer = family(spec.family).Trainer(spec, t.lr, t.beta1, rt.device)
+    if rt.channels_last:
+        for m in trainer.modules().values():
+            m.to(memory_format=torch.channels_last)
+    step_fn = torch.compile(trainer.step) if t.compile else trainer.step
+    ema = AveragedModel(trainer.generator, use_buffers=True)
+    ema.module.eval()
+    update_ema = EmaUpdater(ema, t.ema_decay)
+    if world.distributed:
+        distributed.wrap_modules(trainer, rt.device)  # rank 0's initial weights go to every rank
+        torch.manual_seed(t.seed + world.rank)  # each rank draws its own noise
+
+    n = len(data)
+    batch = min(t.batch_size, max(1, n // world.size))  # per process; a global batch is world.size x batch
+    steps_per_epoch = max(1, n // (batch * world.size))
+    total_steps = steps_per_epoch * t.epochs
+    data_rng = torch.Generator().manual_seed(t.seed + 1)
+    ckpt_dir = checkpoint_dir(cfg, ws, world.size)
+    last = ckpt_dir / "last.pt"
+    step, history = 0, []
+    epoch_rng_state = data_rng.get_state()
+    if t.resume == "auto" and last.exists():
+        state = _load_checkpoint(last, trainer, ema)
+        step, history = int(state["step"]), list(state.get("history_rows", []))
+        epoch_rng_state = state["epoch_rng_state"]
+        log.info("train: resuming from %s at step %d", last, step)
+    resumed_from = step
+
+    main = world.is_main  # only rank 0 logs to MLflow and writes files
+    with tracking.stage_run(ws, cfg, "train", log_params=True) if main else contextlib.nullcontext() as run:
+        if main:
+            tracking.tag_run({"genloop.device": rt.describe(), "genloop.resumed_from_step": resumed_from,
+                              "genloop.world_size": world.size})
+        metrics = tracking.MetricBuffer(run.info.run_id, every=t.log_every) if main else None
+        start = time.perf_counter()
+        if not main:  # one progress report per run, not one per process
+            logging.getLogger("genloop.core.progress").setLevel(logging.WARNING)
+        with Progress("train", total_steps, "steps") as bar:
+            bar.advance(step)
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                data_rng.set_state(epoch_rng_state)
+                perm = torch.randperm(n, generator=data_rng).to(rt.device)
+                for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
+                    first = (i * world.size + world.rank) * batch  # this rank's slice of the global batch
+                    idx = perm[first : first + batch]
+                    x = to_unit(data.images[idx])
+                    if rt.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = data.labels[idx] if labels_on and data.labels is not None else None
+                    losses = step_fn(x, y, rt.autocast())
+                    update_ema(distributed.unwrap(trainer.generator))
+                    step += 1
+                    if main and (step % t.log_every == 0 or step == total_steps):
+                        values = {k: float(v) for k, v in losses.items()}
+                        # one family-neutral column for dvc plots: a GAN reports its players' sum
+                        values.setdefault("loss", sum(v for k, v in values.items() if k.startswith("loss_")))
+                        values["img_per_s"] = (step - resumed_from) * batch * world.size / (time.perf_counter() - start)
+                        metrics.add(step, values)
+                        history.append({"step": step, "epoch": epoch + 1, **values})
+                        # whatever the family reports (GAN: loss_d/loss_g, VAE: loss/recon/kl, DDPM: loss)
+                        bar.advance(0, **{k: v for k, v in values.items() if k != "img_per_s"},
+                                    img_s=round(values["img_per_s"]))
+                    bar.advance()
+                    if main and step % t.checkpoint_every == 0:
+                        _save_checkpoint(last, trainer, ema, {
+                            "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
+                epoch_rng_state = data_rng.get_state()
+                if main:
+                    metrics.image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
+        if main:
+            metrics.flush()  # counted in the training time: the loop is done when its logs are sent
+        seconds = time.perf_counter() - start
+        distributed.barrier(world)
+        if not main:
+            return {"rank": world.rank, "steps": step, "seconds": round(seconds, 2)}
+        _save_checkpoint(last, trainer, ema, {
+            "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
+        save_generator(ema.module, spec, ws.generator)
+        final_grid = _grid(ema, spec, t.grid_size)
+        tracking.log_image(final_grid, "samples/final.png")
+        ws.reports.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ws.reports / "train_samples.png") as tmp:
+            final_grid.save(tmp, format="PNG")
+        with atomic_path(ws.reports / "train.csv") as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+        trained = step - resumed_from
+        summary = {
+            "run_id": run.info.run_id,
+            "family": spec.family,
+            "conditional": labels_on,
+            "classes": spec.classes,
+            "images": n,
+            "steps": step,
+            "epochs": t.epochs,
+            "resumed_from_step": resumed_from,
+            "seconds": round(seconds, 2),
+            "img_per_s": round(trained * batch * world.size / seconds, 1) if trained and seconds > 0 else None,
+            "device": rt.describe(),
+            "world_size": world.size,
+            "batch_per_process": batch,
+            "final": {k: v for k, v in (history[-1] if history else {}).items()
+                      if k not in ("step", "epoch", "img_per_s")},
+        }
+        tracking.log_metrics({"train_seconds": seconds, "train_steps": step})
+    write_json_atomic(ws.report("train"), summary)
+    log.info("train: %d steps in %.1fs on %s", step, seconds, rt.describe())
+    return summary
