@@ -77,5 +77,5 @@ def make_workspace(ws: Path, overrides: list[str] = TINY) -> Path:
     return ws
 
 
-# what every run_cli call printed (stdout, stderr), for the secrets drill (tests/secret_scan.py)
+# what every run_cli call printed (stdout, stderr), for the secrets drill (tests/drills/secret_scan.py)
 CLI_OUTPUTS: list[tuple[list[str], str, str]] = []

@@ -24,8 +24,15 @@ from genloop.core.config import Params, load_params
 from genloop.core.manifest import read_ledger
 from genloop.core.workspace import Workspace
 from genloop.stages import clean, collect, generate
+from tests.drills.test_injected_faults import (
+    DiskFull,
+    copy_workspace,
+    git_dvc_workspace,
+    model_workspace,
+    snapshot,
+    temp_leftovers,
+)
 from tests.helpers import BIN, cli_env, run_cli
-from tests.test_faults import DiskFull, copy_workspace, git_dvc_workspace, model_workspace, snapshot, temp_leftovers
 
 pytestmark = pytest.mark.integration
 

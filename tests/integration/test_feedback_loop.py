@@ -26,9 +26,9 @@ from genloop.core.workspace import Workspace
 from genloop.feedback import intake
 from genloop.feedback.store import FeedbackRecord, FeedbackStore, acceptance_rate, curated_image_id
 from genloop.stages import clean, collect
+from tests.data.test_collect import tiny_png
 from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
-from tests.test_collect import tiny_png
-from tests.test_e2e import mlflow_server  # noqa: F401  (the real MLflow server fixture of the e2e tests)
+from tests.integration.test_e2e import mlflow_server  # noqa: F401  (the real MLflow server fixture of the e2e tests)
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -813,7 +813,7 @@ def test_worker_entrypoint_as_a_plain_process_completes_a_deployment_run(local_s
     pools = {p["name"]: p["type"] for p in _api(state, "POST", "/work_pools/filter", {})}
     assert pools[POOL] == "process"  # created by the worker the entrypoint started
     # flows/prefect.yaml's hourly (collect) deployment, as is but for its pool (and no schedule):
-    # the full loop through a deployment is tests/test_scheduled.py's; here the worker entry matters
+    # the full loop through a deployment is tests/integration/test_scheduled.py's; here the worker entry matters
     spec = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())
     hourly = _prefect_deployments()["hourly"]
     spec["deployments"] = [{**hourly, "name": "entrypoint", "work_pool": {"name": POOL}, "schedules": []}]

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests import secret_scan
 from tests.conftest import free_port
+from tests.drills import secret_scan
 from tests.helpers import BIN, CLI_OUTPUTS, TINY, cli_env, make_workspace, run_cli
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ from genloop.core.storage import sha256_file
 from genloop.core.workspace import Workspace
 from genloop.feedback.store import FeedbackStore
 from tests.helpers import BIN, ROOT, cli_env
-from tests.test_review import PARAMS, VERSION, make_batch
+from tests.unit.test_review_app import PARAMS, VERSION, make_batch
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator, Page, Response

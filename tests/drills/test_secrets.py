@@ -19,7 +19,7 @@ from genloop.core.config import load_params
 from genloop.core.errors import Unreachable
 from genloop.core.workspace import Workspace
 from genloop.mlops import tracking
-from tests.secret_scan import planted_secrets
+from tests.drills.secret_scan import planted_secrets
 
 SECRETS = planted_secrets()
 
@@ -84,7 +84,7 @@ def test_params_tags_and_json_artifacts_reaching_mlflow_are_masked(
     planted: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Params.flat() is logged as MLflow params: a source URI with credentials in it must not be
-    (sinks and the feedback store refuse credentials outright: tests/test_config.py)."""
+    (sinks and the feedback store refuse credentials outright: tests/unit/test_config.py)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -138,7 +138,7 @@ def test_the_drill_scan_finds_a_secret_in_any_written_form(tmp_path: Path) -> No
     URL-encoded, JSON-escaped, base64-encoded at any alignment or wrapped across lines, is a hit."""
     import base64
 
-    from tests.secret_scan import SecretScan
+    from tests.drills.secret_scan import SecretScan
 
     value = SECRETS["AWS_SECRET_ACCESS_KEY"]
     leaks = {

@@ -13,7 +13,7 @@ from genloop.orchestrate import cache_policy
 from genloop.orchestrate.code_deps import relative_deps
 from genloop.stages.table import BY_NAME, ORDER
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
