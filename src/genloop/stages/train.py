@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +158,44 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         return _train(cfg, ws, rt, world)
 
 
-def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) -> dict[str, Any]:
+@dataclass
+class _Session:
+    """Everything one training run works with, built once by `_prepare`."""
+
+    cfg: Params
+    ws: Workspace
+    rt: Runtime
+    world: distributed.World
+    data: ImageSet
+    spec: GeneratorSpec
+    trainer: Any
+    step_fn: Any
+    ema: AveragedModel
+    update_ema: EmaUpdater
+    batch: int  # per process; a global batch is world.size x batch
+    steps_per_epoch: int
+    total_steps: int
+    last: Path  # the checkpoint file
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    data_rng: torch.Generator = field(default_factory=torch.Generator)
+    epoch_rng_state: torch.Tensor | None = None
+
+    @property
+    def labels_on(self) -> bool:
+        return bool(self.spec.classes)
+
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.last, self.trainer, self.ema, {
+            "step": self.step, "epoch_rng_state": self.epoch_rng_state, "history_rows": self.history})
+
+
+def _prepare(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) -> _Session:
+    """Data on the device, the family's trainer, the EMA copy and the step budget."""
     t = cfg.train
     torch.manual_seed(t.seed)
     data = load_split(ws, "train")
     spec = _spec(cfg, data)
-    labels_on = bool(spec.classes)
     data = data.to(rt.device)
     trainer = family(spec.family).Trainer(spec, t.lr, t.beta1, rt.device)
     if rt.channels_last:
@@ -171,104 +204,140 @@ def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) ->
     step_fn = torch.compile(trainer.step) if t.compile else trainer.step
     ema = AveragedModel(trainer.generator, use_buffers=True)
     ema.module.eval()
-    update_ema = EmaUpdater(ema, t.ema_decay)
     if world.distributed:
         distributed.wrap_modules(trainer, rt.device)  # rank 0's initial weights go to every rank
         torch.manual_seed(t.seed + world.rank)  # each rank draws its own noise
-
     n = len(data)
-    batch = min(t.batch_size, max(1, n // world.size))  # per process; a global batch is world.size x batch
+    batch = min(t.batch_size, max(1, n // world.size))
     steps_per_epoch = max(1, n // (batch * world.size))
-    total_steps = steps_per_epoch * t.epochs
     data_rng = torch.Generator().manual_seed(t.seed + 1)
-    ckpt_dir = checkpoint_dir(cfg, ws, world.size)
-    last = ckpt_dir / "last.pt"
-    step, history = 0, []
-    epoch_rng_state = data_rng.get_state()
-    if t.resume == "auto" and last.exists():
-        state = _load_checkpoint(last, trainer, ema)
-        step, history = int(state["step"]), list(state.get("history_rows", []))
-        epoch_rng_state = state["epoch_rng_state"]
-        log.info("train: resuming from %s at step %d", last, step)
-    resumed_from = step
+    return _Session(cfg, ws, rt, world, data, spec, trainer, step_fn, ema, EmaUpdater(ema, t.ema_decay), batch,
+                    steps_per_epoch, steps_per_epoch * t.epochs, checkpoint_dir(cfg, ws, world.size) / "last.pt",
+                    data_rng=data_rng, epoch_rng_state=data_rng.get_state())
 
+
+def _resume(s: _Session) -> None:
+    """Continue from the last checkpoint of the same settings, unless it is past the steps asked for.
+
+    Checkpoints are shared by runs that differ only in `train.epochs`: a 3-epoch run must not
+    return the 10-epoch model, so a checkpoint beyond the target is not resumed.
+    """
+    if s.cfg.train.resume != "auto" or not s.last.exists():
+        return
+    state = _load_checkpoint(s.last, s.trainer, s.ema)
+    if int(state["step"]) > s.total_steps:
+        log.info("train: the checkpoint %s is at step %d, past the %d steps asked for (train.epochs=%d): "
+                 "training from step 0", s.last, int(state["step"]), s.total_steps, s.cfg.train.epochs)
+        # the checkpoint's weights, optimizer state and RNG were loaded: start over from scratch
+        fresh = _prepare(s.cfg, s.ws, s.rt, s.world)
+        s.__dict__.update(fresh.__dict__)
+        return
+    s.step, s.history = int(state["step"]), list(state.get("history_rows", []))
+    s.epoch_rng_state = state["epoch_rng_state"]
+    log.info("train: resuming from %s at step %d", s.last, s.step)
+
+
+def _step_values(s: _Session, losses: dict[str, torch.Tensor], resumed_from: int, start: float) -> dict[str, float]:
+    values = {k: float(v) for k, v in losses.items()}
+    # one family-neutral column for dvc plots: a GAN reports its players' sum
+    values.setdefault("loss", sum(v for k, v in values.items() if k.startswith("loss_")))
+    values["img_per_s"] = (s.step - resumed_from) * s.batch * s.world.size / (time.perf_counter() - start)
+    return values
+
+
+def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, resumed_from: int) -> None:
+    """The training loop: epochs of seeded permutations, EMA updates, logs and checkpoints."""
+    t, world, main = s.cfg.train, s.world, s.world.is_main
+    start = time.perf_counter()
+    n = len(s.data)
+    while s.step < s.total_steps:
+        epoch = s.step // s.steps_per_epoch
+        s.data_rng.set_state(s.epoch_rng_state)
+        perm = torch.randperm(n, generator=s.data_rng).to(s.rt.device)
+        for i in range(s.step - epoch * s.steps_per_epoch, s.steps_per_epoch):
+            first = (i * world.size + world.rank) * s.batch  # this rank's slice of the global batch
+            idx = perm[first : first + s.batch]
+            x = to_unit(s.data.images[idx])
+            if s.rt.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = s.data.labels[idx] if s.labels_on and s.data.labels is not None else None
+            losses = s.step_fn(x, y, s.rt.autocast())
+            s.update_ema(distributed.unwrap(s.trainer.generator))
+            s.step += 1
+            if metrics is not None and (s.step % t.log_every == 0 or s.step == s.total_steps):
+                values = _step_values(s, losses, resumed_from, start)
+                metrics.add(s.step, values)
+                s.history.append({"step": s.step, "epoch": epoch + 1, **values})
+                # whatever the family reports (GAN: loss_d/loss_g, VAE: loss/recon/kl, DDPM: loss)
+                bar.advance(0, **{k: v for k, v in values.items() if k != "img_per_s"},
+                            img_s=round(values["img_per_s"]))
+            bar.advance()
+            if main and s.step % t.checkpoint_every == 0:
+                s.checkpoint()
+        s.epoch_rng_state = s.data_rng.get_state()
+        if metrics is not None:
+            metrics.image(_grid(s.ema, s.spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
+
+
+def _publish(s: _Session) -> None:
+    """Rank 0's outputs: the last checkpoint, the EMA generator, the final grid and the loss curve."""
+    s.checkpoint()
+    save_generator(s.ema.module, s.spec, s.ws.generator)
+    final_grid = _grid(s.ema, s.spec, s.cfg.train.grid_size)
+    tracking.log_image(final_grid, "samples/final.png")
+    s.ws.reports.mkdir(parents=True, exist_ok=True)
+    with atomic_path(s.ws.reports / "train_samples.png") as tmp:
+        final_grid.save(tmp, format="PNG")
+    with atomic_path(s.ws.reports / "train.csv") as tmp:
+        pd.DataFrame(s.history).to_csv(tmp, index=False)
+
+
+def _summary(s: _Session, run_id: str, resumed_from: int, seconds: float) -> dict[str, Any]:
+    trained = s.step - resumed_from
+    return {
+        "run_id": run_id,
+        "family": s.spec.family,
+        "conditional": s.labels_on,
+        "classes": s.spec.classes,
+        "images": len(s.data),
+        "steps": s.step,
+        "epochs": s.cfg.train.epochs,
+        "resumed_from_step": resumed_from,
+        "seconds": round(seconds, 2),
+        "img_per_s": round(trained * s.batch * s.world.size / seconds, 1) if trained and seconds > 0 else None,
+        "device": s.rt.describe(),
+        "world_size": s.world.size,
+        "batch_per_process": s.batch,
+        "final": {k: v for k, v in (s.history[-1] if s.history else {}).items()
+                  if k not in ("step", "epoch", "img_per_s")},
+    }
+
+
+def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) -> dict[str, Any]:
+    s = _prepare(cfg, ws, rt, world)
+    _resume(s)
+    resumed_from = s.step
     main = world.is_main  # only rank 0 logs to MLflow and writes files
     with tracking.stage_run(ws, cfg, "train", log_params=True) if main else contextlib.nullcontext() as run:
         if main:
             tracking.tag_run({"genloop.device": rt.describe(), "genloop.resumed_from_step": resumed_from,
                               "genloop.world_size": world.size})
-        metrics = tracking.MetricBuffer(run.info.run_id, every=t.log_every) if main else None
+        metrics = tracking.MetricBuffer(run.info.run_id, every=cfg.train.log_every) if main else None
         start = time.perf_counter()
         if not main:  # one progress report per run, not one per process
             logging.getLogger("genloop.core.progress").setLevel(logging.WARNING)
-        with Progress("train", total_steps, "steps") as bar:
-            bar.advance(step)
-            while step < total_steps:
-                epoch = step // steps_per_epoch
-                data_rng.set_state(epoch_rng_state)
-                perm = torch.randperm(n, generator=data_rng).to(rt.device)
-                for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                    first = (i * world.size + world.rank) * batch  # this rank's slice of the global batch
-                    idx = perm[first : first + batch]
-                    x = to_unit(data.images[idx])
-                    if rt.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    y = data.labels[idx] if labels_on and data.labels is not None else None
-                    losses = step_fn(x, y, rt.autocast())
-                    update_ema(distributed.unwrap(trainer.generator))
-                    step += 1
-                    if main and (step % t.log_every == 0 or step == total_steps):
-                        values = {k: float(v) for k, v in losses.items()}
-                        # one family-neutral column for dvc plots: a GAN reports its players' sum
-                        values.setdefault("loss", sum(v for k, v in values.items() if k.startswith("loss_")))
-                        values["img_per_s"] = (step - resumed_from) * batch * world.size / (time.perf_counter() - start)
-                        metrics.add(step, values)
-                        history.append({"step": step, "epoch": epoch + 1, **values})
-                        # whatever the family reports (GAN: loss_d/loss_g, VAE: loss/recon/kl, DDPM: loss)
-                        bar.advance(0, **{k: v for k, v in values.items() if k != "img_per_s"},
-                                    img_s=round(values["img_per_s"]))
-                    bar.advance()
-                    if main and step % t.checkpoint_every == 0:
-                        _save_checkpoint(last, trainer, ema, {
-                            "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
-                epoch_rng_state = data_rng.get_state()
-                if main:
-                    metrics.image(_grid(ema, spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
-        if main:
+        with Progress("train", s.total_steps, "steps") as bar:
+            bar.advance(s.step)
+            _epochs(s, metrics, bar, resumed_from)
+        if metrics is not None:
             metrics.flush()  # counted in the training time: the loop is done when its logs are sent
         seconds = time.perf_counter() - start
         distributed.barrier(world)
         if not main:
-            return {"rank": world.rank, "steps": step, "seconds": round(seconds, 2)}
-        _save_checkpoint(last, trainer, ema, {
-            "step": step, "epoch_rng_state": epoch_rng_state, "history_rows": history})
-        save_generator(ema.module, spec, ws.generator)
-        final_grid = _grid(ema, spec, t.grid_size)
-        tracking.log_image(final_grid, "samples/final.png")
-        ws.reports.mkdir(parents=True, exist_ok=True)
-        with atomic_path(ws.reports / "train_samples.png") as tmp:
-            final_grid.save(tmp, format="PNG")
-        with atomic_path(ws.reports / "train.csv") as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
-        trained = step - resumed_from
-        summary = {
-            "run_id": run.info.run_id,
-            "family": spec.family,
-            "conditional": labels_on,
-            "classes": spec.classes,
-            "images": n,
-            "steps": step,
-            "epochs": t.epochs,
-            "resumed_from_step": resumed_from,
-            "seconds": round(seconds, 2),
-            "img_per_s": round(trained * batch * world.size / seconds, 1) if trained and seconds > 0 else None,
-            "device": rt.describe(),
-            "world_size": world.size,
-            "batch_per_process": batch,
-            "final": {k: v for k, v in (history[-1] if history else {}).items()
-                      if k not in ("step", "epoch", "img_per_s")},
-        }
-        tracking.log_metrics({"train_seconds": seconds, "train_steps": step})
+            return {"rank": world.rank, "steps": s.step, "seconds": round(seconds, 2)}
+        _publish(s)
+        summary = _summary(s, run.info.run_id, resumed_from, seconds)
+        tracking.log_metrics({"train_seconds": seconds, "train_steps": s.step})
     write_json_atomic(ws.report("train"), summary)
-    log.info("train: %d steps in %.1fs on %s", step, seconds, rt.describe())
+    log.info("train: %d steps in %.1fs on %s", s.step, seconds, rt.describe())
     return summary

@@ -1,0 +1,57 @@
+"""A run trains what its params say: a checkpoint past the requested steps is never resumed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from genloop.core.config import load_params
+from genloop.core.workspace import Workspace
+from genloop.stages import clean, collect, train
+from tests.helpers import TINY
+
+SETTINGS = [*TINY, "collect.dvc_add=false", "train.checkpoint_every=1000", "train.deterministic=true",
+            "train.threads=1"]
+
+
+def _params(epochs: int):
+    return load_params(None, [*SETTINGS, f"train.epochs={epochs}"])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    ws = Workspace.at(root)
+    collect.run(_params(1), ws)
+    clean.run(_params(1), ws)
+    return root
+
+
+def _weights(ws: Workspace) -> dict[str, torch.Tensor]:
+    return torch.load(ws.generator, weights_only=True)
+
+
+def test_fewer_epochs_after_a_longer_run_trains_the_shorter_run_from_step_0(prepared: Path, tmp_path: Path):
+    fresh = Workspace.at(shutil.copytree(prepared, tmp_path / "fresh"))
+    one = train.run(_params(1), fresh)  # the reference: one epoch, from nothing
+
+    ws = Workspace.at(shutil.copytree(prepared, tmp_path / "ws"))
+    three = train.run(_params(3), ws)
+    assert three["steps"] == 3 * one["steps"] and three["resumed_from_step"] == 0
+    again = train.run(_params(1), ws)  # same settings but epochs: the 3-epoch checkpoint is shared
+    assert again["steps"] == one["steps"], "a 1-epoch run returned the 3-epoch model"
+    assert again["resumed_from_step"] == 0
+    a, b = _weights(fresh), _weights(ws)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the 1-epoch model differs from a 1-epoch run from scratch"
+
+
+def test_more_epochs_resume_from_the_shorter_run(prepared: Path, tmp_path: Path):
+    ws = Workspace.at(shutil.copytree(prepared, tmp_path / "ws"))
+    one = train.run(_params(1), ws)
+    two = train.run(_params(2), ws)
+    assert two["resumed_from_step"] == one["steps"] and two["steps"] == 2 * one["steps"]
+    same = train.run(_params(2), ws)  # nothing left to do: the finished 2-epoch run is returned
+    assert same["resumed_from_step"] == same["steps"] == two["steps"]
