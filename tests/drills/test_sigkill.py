@@ -2,8 +2,9 @@
 whole process group, as a crashed machine or an OOM kill would) while they work, then rerun.
 The rerun must end where an uninterrupted run ends, with nothing lost and nothing doubled:
 every ledger row names a file that exists, every file under data/raw is in the ledger, no
-sha256 twice; the same manifest and clean images; the same generated batch. (train has its
-own kill-and-resume test in test_training.py.)"""
+sha256 twice; the same manifest and clean images; the same generated batch. A kill at the swap
+of data/clean leaves data/clean in place (the previous folder or the new one, complete), never
+missing. (train has its own kill-and-resume test in tests/model/test_training.py.)"""
 
 from __future__ import annotations
 
@@ -114,22 +115,49 @@ def test_collect_killed_while_staging_and_during_dvc_add_then_rerun(tmp_path: Pa
     assert [p.name for p in staging.iterdir()] == []  # the killed runs' staging folders were removed
 
 
-def kill_at_replace(target: Path) -> list[str]:
-    """`genloop` that SIGKILLs itself just before it renames anything onto `target` (in-process
-    fault injection at the OS boundary: the crash lands exactly in a commit window)."""
+def kill_at_swap(target: Path, when: str, exchange: bool = True) -> tuple[list[str], dict[str, str]]:
+    """`genloop` that SIGKILLs itself at the first rename (or atomic exchange) that moves `target`
+    or puts something in its place: just `before` it or just `after` it (in-process fault
+    injection at the OS boundary: the crash lands exactly in the swap). With exchange=False the
+    filesystem is made to refuse RENAME_EXCHANGE (EINVAL), so the swap falls back to two renames."""
     prelude = (
-        "import os, signal, sys\n"
-        "real, target = os.replace, os.environ['KILL_AT_REPLACE_TO']\n"
-        "def replace(src, dst, *a, **kw):\n"
-        "    if os.fspath(dst) == target:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(src, dst, *a, **kw)\n"
-        "os.replace = replace\n"
+        "import errno, os, signal, sys\n"
+        "import genloop.core.storage as storage\n"
+        "target, when = os.environ['KILL_AT_SWAP_OF'], os.environ['KILL_AT_SWAP_WHEN']\n"
+        "def hook(real):\n"
+        "    def call(src, dst, *a, **kw):\n"
+        "        hit = target in (os.fspath(src), os.fspath(dst))\n"
+        "        if hit and when == 'before':\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        out = real(src, dst, *a, **kw)\n"
+        "        if hit:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return out\n"
+        "    return call\n"
+        "def cannot_exchange(a, b):\n"
+        "    raise OSError(errno.EINVAL, 'RENAME_EXCHANGE not supported here')\n"
+        "if os.environ['KILL_AT_SWAP_EXCHANGE'] == '0':\n"
+        "    storage._exchange = cannot_exchange\n"
+        "os.replace, os.rename, storage._exchange = hook(os.replace), hook(os.rename), hook(storage._exchange)\n"
         "sys.argv[0] = 'genloop'\n"
         "from genloop.cli.main import main\n"
         "main()\n"
     )
-    return [sys.executable, "-c", prelude]
+    env = {"KILL_AT_SWAP_OF": str(target), "KILL_AT_SWAP_WHEN": when, "KILL_AT_SWAP_EXCHANGE": str(int(exchange))}
+    return [sys.executable, "-c", prelude], env
+
+
+def killed_clean(ws: Workspace, env: dict[str, str], when: str, exchange: bool = True) -> None:
+    cmd, extra = kill_at_swap(ws.clean, when, exchange)
+    done = subprocess.run(cmd + ["clean"], cwd=ws.root, capture_output=True, text=True, env={**env, **extra},
+                          timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+def leftovers(ws: Workspace) -> list[str]:
+    """What the killed runs left beside the outputs: staged temporaries by output name, `old` for a
+    folder moved aside by a swap that was not atomic."""
+    return sorted("old" if p.endswith(".old") else Path(p).name.split(".")[1] for p in temp_leftovers(ws.root))
 
 
 def test_clean_killed_mid_decode_and_mid_swap_then_rerun(tmp_path: Path) -> None:
@@ -137,41 +165,73 @@ def test_clean_killed_mid_decode_and_mid_swap_then_rerun(tmp_path: Path) -> None
     cfg = load_params(None, overrides)
     ws = Workspace.at(git_dvc_workspace(tmp_path / "ws", overrides))
     collect.run(cfg, ws)
-    reference = Workspace.at(shutil.copytree(ws.root, tmp_path / "reference"))
-    clean.run(cfg, reference)  # uninterrupted
-    outputs = ("data/clean", "data/manifest.parquet")
+    first = Workspace.at(shutil.copytree(ws.root, tmp_path / "first"))
+    clean.run(cfg, first)  # uninterrupted
+    clean_out, outputs = ("data/clean",), ("data/clean", "data/manifest.parquet", "reports/clean.json")
     env = cli_env(ws.root)
 
     # 1. killed while decoding: nothing published
     log = tmp_path / "clean-1.log"
     proc = start([GENLOOP, "clean"], ws.root, env, log)
     kill_when(proc, lambda: files_in(ws.cache / "clean", "*.png") >= 50, log)
-    assert snapshot(ws.root, *outputs, "reports/clean.json") == {}
+    assert snapshot(ws.root, *outputs) == {}
     run_cli([GENLOOP, "clean"], ws.root, env, timeout=300)
-    assert snapshot(ws.root, *outputs) == snapshot(reference.root, *outputs)
-    before = snapshot(ws.root, *outputs, "reports/clean.json")
+    previous = snapshot(ws.root, *outputs)
+    assert {k: v for k, v in previous.items() if not k.startswith("reports")} == snapshot(
+        first.root, "data/clean", "data/manifest.parquet")
 
-    # 2. killed between the two renames that swap data/clean (it is briefly absent), on a
-    #    workspace with a previous output: the rerun restores and republishes it
-    done = subprocess.run(kill_at_replace(ws.clean) + ["clean"], cwd=ws.root, capture_output=True, text=True,
-                          env={**env, "KILL_AT_REPLACE_TO": str(ws.clean)}, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-    assert not ws.clean.exists() and (ws.clean.parent / ".clean.old").is_dir()  # died mid-swap
-    left = [Path(p).name.split(".")[1] if not p.endswith(".old") else "old" for p in temp_leftovers(ws.root)]
-    assert sorted(left) == ["clean", "clean", "manifest", "old"]  # the staged outputs of the killed run
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(OSError):  # a rerun that fails too (disk full)...
+    # 100 more raw images: the next clean publishes another data/clean (the uninterrupted result: `second`)
+    collect.run(load_params(None, [*overrides[:1], "collect.sources=[{uri: 'builtin:mnist', limit: 1300}]"]), ws)
+    second = Workspace.at(shutil.copytree(ws.root, tmp_path / "second"))
+    clean.run(cfg, second)
+    new = snapshot(second.root, *outputs)
+    assert snapshot(second.root, *clean_out) != snapshot(ws.root, *clean_out)
+    before, after = ({f.name for f in w.clean.iterdir()} for w in (ws, second))
+    assert before < after and len(after) == json.loads(second.report("clean").read_text())["kept"]
+
+    # 2. killed at the swap of data/clean, just before it: at that instant data/clean is the previous output
+    killed_clean(ws, env, "before")
+    assert snapshot(ws.root, *outputs) == previous
+    assert leftovers(ws) == ["clean", "clean", "manifest"]  # the killed run's staged folder, report, manifest
+
+    # 3. killed just after the swap (one atomic RENAME_EXCHANGE): data/clean is the new folder, complete;
+    #    it was never missing. The manifest and report renames had not run yet: still the previous ones
+    killed_clean(ws, env, "after")
+    assert snapshot(ws.root, *clean_out) == snapshot(second.root, *clean_out)
+    assert snapshot(ws.root, "data/manifest.parquet", "reports/clean.json") == {
+        k: previous[k] for k in ("data/manifest.parquet", "reports/clean.json")}
+    assert leftovers(ws) == ["clean", "clean", "manifest"]  # the previous folder, swapped out, and the staged files
+    run_cli([GENLOOP, "clean"], ws.root, env, timeout=300)
+    assert snapshot(ws.root, *outputs[:2]) == snapshot(second.root, *outputs[:2])
+    assert temp_leftovers(ws.root) == []  # the killed runs' temporaries were swept
+    print(f"\n[SIGKILL clean] at the swap: data/clean present at once (previous {len(previous) - 2} files before it,"
+          f" the complete new {len(new) - 2} files after it)")
+
+
+def test_clean_killed_mid_swap_where_renames_cannot_exchange_restores_at_the_next_start(tmp_path: Path) -> None:
+    """The fallback where the filesystem refuses RENAME_EXCHANGE: two renames, and a run killed
+    between them leaves data/clean missing and `.clean.old`; the next start of clean puts it back
+    before anything else, even a run that then fails (a full disk)."""
+    overrides = ["collect.dvc_add=false", "collect.sources=[{uri: 'builtin:mnist', limit: 300}]"]
+    cfg = load_params(None, overrides)
+    ws = Workspace.at(git_dvc_workspace(tmp_path / "ws", overrides))
+    collect.run(cfg, ws)
+    clean.run(cfg, ws)
+    outputs = ("data/clean", "data/manifest.parquet", "reports/clean.json")
+    previous = snapshot(ws.root, *outputs)
+    env = cli_env(ws.root)
+
+    killed_clean(ws, env, "after", exchange=False)  # the old folder moved aside, the new one not yet in
+    assert not ws.clean.exists() and (ws.clean.parent / ".clean.old").is_dir()
+    assert leftovers(ws) == ["clean", "clean", "manifest", "old"]
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(OSError):  # a rerun that fails (disk full)...
         DiskFull(mp, ws.root, after=0)
         clean.run(cfg, ws)
-    assert snapshot(ws.root, *outputs, "reports/clean.json") == before  # ...still leaves the previous output
+    assert snapshot(ws.root, *outputs) == previous  # ...has put the previous data/clean back first
+    assert not (ws.clean.parent / ".clean.old").exists()
     run_cli([GENLOOP, "clean"], ws.root, env, timeout=300)
-    assert snapshot(ws.root, *outputs) == snapshot(reference.root, *outputs)
-    after = snapshot(ws.root, *outputs, "reports/clean.json")
-    assert after.keys() == before.keys() and {k: after[k] for k in outputs if k in after} == {
-        k: before[k] for k in outputs if k in before}
+    assert snapshot(ws.root, *outputs[:2]) == {k: v for k, v in previous.items() if not k.startswith("reports")}
     assert temp_leftovers(ws.root) == []
-    n = len(pd.read_parquet(ws.manifest))
-    print(f"\n[SIGKILL clean] killed mid-decode and mid-swap; reruns published the uninterrupted result "
-          f"({n} images, manifest byte-identical), no temp files left")
 
 
 @pytest.fixture(scope="module")

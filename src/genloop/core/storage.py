@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -113,20 +115,72 @@ def temp_dir(path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
-    old = path.with_name(f".{path.name}.old")
-    if old.exists() and not path.exists():  # a swap was interrupted: the old folder is the current one
-        os.replace(old, path)
+    restore_interrupted_swap(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(_DIR_MODE)
     return tmp
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc: Any = None
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE): there is no
+    moment at which either name is missing. Raises OSError where the kernel, the C library or the
+    filesystem cannot do it (EINVAL, ENOSYS, EOPNOTSUPP...)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not in this C library")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _backup(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def restore_interrupted_swap(path: Path) -> bool:
+    """Where a run died between the two renames of a swap without RENAME_EXCHANGE (the old folder
+    moved aside, the new one not yet in place), put the old folder back; True when it did."""
+    path = Path(path)
+    old = _backup(path)
+    if old.is_dir() and not os.path.lexists(path):
+        os.replace(old, path)
+        log.warning("%s was missing after an interrupted swap: restored the previous output from %s", path, old.name)
+        return True
+    return False
+
+
 def _swap_dir(tmp: Path, path: Path) -> None:
-    """Put the folder `tmp` in the place of `path` (two renames; the old one is then deleted)."""
-    old = path.with_name(f".{path.name}.old")
+    """Put the folder `tmp` in the place of `path`, the old one then deleted.
+
+    Where `path` exists, the two are exchanged in one atomic step, so that a reader (or a run
+    killed at any instant) always finds `path`: the previous folder or the new one, complete.
+    Only where the filesystem cannot exchange is it two renames (old aside, new in); a run killed
+    between them leaves `.<name>.old`, which `restore_interrupted_swap` (called when a stage
+    starts and before any write of `path`) puts back.
+    """
+    restore_interrupted_swap(path)
+    if os.path.lexists(path):
+        try:
+            _exchange(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+                raise
+            log.debug("cannot exchange %s and %s atomically (%s): two renames", tmp, path, exc)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
+            return
+    old = _backup(path)
     if old.exists():
         shutil.rmtree(old)
-    if path.exists():
+    if os.path.lexists(path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ from genloop.core.errors import StageInputMissing
 from genloop.core.images import RejectedImage, normalise
 from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
 from genloop.core.progress import Progress
-from genloop.core.storage import atomic_outputs, sha256_bytes, write_bytes_atomic
+from genloop.core.storage import atomic_outputs, restore_interrupted_swap, sha256_bytes, write_bytes_atomic
 from genloop.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     """Clean data/raw into data/clean + data/manifest.parquet + reports/clean.json."""
     if not ws.ledger.exists():
         raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first")
+    restore_interrupted_swap(ws.clean)  # a run killed mid-swap where renames cannot exchange: put it back now
     ledger = read_ledger(ws.ledger)
     negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
     ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
