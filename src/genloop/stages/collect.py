@@ -231,77 +231,106 @@ def _move_into(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
+class _Staged:
+    """The new files of one collect, staged under .genloop/cache until every source was read.
+
+    Also names each exact duplicate it merges: a file whose bytes are already in the ledger or
+    were offered earlier in this collect is listed with the file it duplicates.
+    """
+
+    def __init__(self, ledger: pd.DataFrame, staging: Path, now: str) -> None:
+        self.staging = staging
+        self.now = now
+        self.rows: list[dict[str, object]] = []
+        self.duplicates: list[dict[str, str]] = []
+        # sha256 -> "source: original" of the first file with those bytes
+        self._first = {str(d): f"{s}: {o}" for d, s, o in
+                       zip(ledger["sha256"], ledger["source"], ledger["original"], strict=True) if isinstance(d, str)}
+
+    def offer(self, source: str, item: Item) -> bool:
+        """Stage the item unless its bytes are known; True when it is new."""
+        digest = sha256_bytes(item.data)
+        first = self._first.get(digest)
+        if first is not None:
+            self.duplicates.append({"source": source, "original": item.original, "duplicate_of": first})
+            return False
+        rel = f"{digest[:2]}/{digest}{_suffix(item.original)}"
+        self.write(rel, item.data)
+        self._first[digest] = f"{source}: {item.original}"
+        self.rows.append({
+            "sha256": digest, "file": rel, "source": source, "original": item.original, "label": item.label,
+            "collected_at": self.now, "provenance": json.dumps(item.provenance, sort_keys=True), "role": ROLE_TRAIN,
+        })
+        return True
+
+    def write(self, rel: str, data: bytes) -> None:
+        (self.staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (self.staging / rel).write_bytes(data)
+
+    def publish(self, ws: Workspace) -> None:
+        """Move every staged file into data/raw (the ledger that names them is written after)."""
+        for row in self.rows:
+            _move_into(self.staging / str(row["file"]), ws.raw / str(row["file"]))
+
+
+def _check_before_work(cfg: Params, ws: Workspace) -> Remote | None:
+    """Fail fast on a bad source, a missing DVC repository or remote; the remote to push to."""
+    for source in cfg.collect.sources:
+        iter_source(source, cfg, ws)  # a bad scheme or a missing folder fails here, before any work
+    if cfg.collect.dvc_add:
+        _require_dvc_repo(ws)
+    return _push_remote(cfg, ws)
+
+
+def _read_source(source: Source, staged: _Staged, skipped: list[dict[str, str]]) -> dict[str, int]:
+    """Stage the new files of one (non-feedback) source; its offered/added counts."""
+    counts = {"offered": 0, "added": 0}
+    with Progress(f"collect {source.uri}", source.limit or None, "files") as bar:
+        for item in iter_source(source):
+            counts["offered"] += 1
+            counts["added"] += staged.offer(source.uri, item)
+            bar.advance(added=counts["added"])
+    for entry in skipped:
+        entry.setdefault("source", source.uri)
+    log.info("collect %s: %d offered, %d new", source.uri, counts["offered"], counts["added"])
+    return counts
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     """Collect every source into data/raw; return counts per source and the data version.
 
     All or nothing: new files are staged and published only after every source was read.
     """
+    remote = _check_before_work(cfg, ws)
     ledger = read_ledger(ws.ledger)
-    known = set(ledger["sha256"].dropna())
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    rows: list[dict[str, object]] = []
-    per_source: dict[str, dict[str, int]] = {}
-    for source in cfg.collect.sources:
-        iter_source(source, cfg, ws)  # fails fast on a bad scheme or a missing folder, before any work
     feedback = next((s for s in cfg.collect.sources if s.uri == FEEDBACK_SOURCE), None)
+    per_source: dict[str, dict[str, int]] = {}
     taken: intake.Intake | None = None
-    if cfg.collect.dvc_add:
-        _require_dvc_repo(ws)
-    remote = _push_remote(cfg, ws)
     staging_root = ws.cache / "collect-staging"
     staging_root.mkdir(parents=True, exist_ok=True)
-    staging = temp_dir(staging_root / "run")  # also removes the staging folders of runs that died
+    # temp_dir also removes the staging folders of runs that died
+    staged = _Staged(ledger, temp_dir(staging_root / "run"), datetime.now(UTC).isoformat(timespec="seconds"))
     skipped: list[dict[str, str]] = []
     skipping = _SKIPPED.set(skipped)
     try:
         for source in cfg.collect.sources:
-            if source.uri == FEEDBACK_SOURCE:
-                continue  # after every other source: its cap is a share of the final corpus
-            counts = {"offered": 0, "added": 0}
-            with Progress(f"collect {source.uri}", source.limit or None, "files") as bar:
-                for item in iter_source(source):
-                    counts["offered"] += 1
-                    digest = sha256_bytes(item.data)
-                    if digest not in known:
-                        rel = f"{digest[:2]}/{digest}{_suffix(item.original)}"
-                        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                        (staging / rel).write_bytes(item.data)
-                        known.add(digest)
-                        counts["added"] += 1
-                        rows.append(
-                            {
-                                "sha256": digest,
-                                "file": rel,
-                                "source": source.uri,
-                                "original": item.original,
-                                "label": item.label,
-                                "collected_at": now,
-                                "provenance": json.dumps(item.provenance, sort_keys=True),
-                                "role": ROLE_TRAIN,
-                            }
-                        )
-                    bar.advance(added=counts["added"])
-            per_source[source.uri] = counts
-            for entry in skipped:
-                entry.setdefault("source", source.uri)
-            log.info("collect %s: %d offered, %d new", source.uri, counts["offered"], counts["added"])
+            if source.uri != FEEDBACK_SOURCE:  # feedback comes last: its cap is a share of the final corpus
+                per_source[source.uri] = _read_source(source, staged, skipped)
         if feedback is not None:  # accepted images up to the cap; rejected ones as negatives
-            taken = intake.intake(cfg, ws, feedback, ledger, rows, now)
+            taken = intake.intake(cfg, ws, feedback, ledger, staged.rows, staged.now)
             for row, data in taken.new:
-                (staging / str(row["file"])).parent.mkdir(parents=True, exist_ok=True)
-                (staging / str(row["file"])).write_bytes(data)
-                rows.append(row)
+                staged.write(str(row["file"]), data)
+                staged.rows.append(row)
             ledger = taken.ledger
             per_source[FEEDBACK_SOURCE] = taken.counts
-        # every source was read: publish the files, then the ledger that names them
-        for row in rows:
-            _move_into(staging / str(row["file"]), ws.raw / str(row["file"]))
+        staged.publish(ws)  # every source was read: publish the files, then the ledger that names them
+        rows = staged.rows
         if rows or not ws.ledger.exists() or (taken is not None and taken.changed):
             table = pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if rows else ledger
             write_table(table, ws.ledger, LEDGER_COLUMNS)
     finally:
         _SKIPPED.reset(skipping)
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staged.staging, ignore_errors=True)
     if cfg.collect.dvc_add:
         dvc_add(ws)
     if remote is not None:
@@ -314,6 +343,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
         "dvc_remote": remote.url if remote else None,
         "pushed": remote is not None,
         "skipped": skipped,  # files a source offered that were not collected, each with the reason
+        "duplicates": staged.duplicates,  # exact duplicates merged: each names the file it duplicates
         **({"feedback": taken.report} if taken is not None else {}),
     }
     write_json_atomic(ws.report("collect"), summary)
