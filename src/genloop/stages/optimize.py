@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,18 +38,23 @@ def combined_score(realism: np.ndarray, novelty: np.ndarray, w_real: float, w_no
     return w_real * realism + w_novel * np.minimum(novelty, 1.5) / 1.5
 
 
-def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
-    """Curate the latest generated batch into outputs/curated/<version>/."""
-    o = cfg.optimize
+def _latest_batch(ws: Workspace) -> tuple[str, Path, pd.DataFrame, list[np.ndarray]]:
+    """The model version, folder, manifest and pixel arrays of the latest generated batch."""
     if not ws.report("generate").exists():
         raise StageInputMissing(f"{ws.report('generate')} not found: run `genloop generate` first")
-    gen = read_json(ws.report("generate"))
-    version = str(gen["model_version"])
+    version = str(read_json(ws.report("generate"))["model_version"])
     src = ws.generated / version
     batch = pd.read_parquet(src / "manifest.parquet")
-    arrays = [np.asarray(Image.open(src / f)) for f in batch["file"]]
-    images = torch.from_numpy(np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]))
+    return version, src, batch, [np.asarray(Image.open(src / f)) for f in batch["file"]]
 
+
+def _score(cfg: Params, ws: Workspace, batch: pd.DataFrame,
+           arrays: list[np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Realism, novelty (distance to the nearest training image in novelty units) and the combined
+    score of every generated image, with which are near-copies and which are kept; the kept rows,
+    best first; the extractor."""
+    o = cfg.optimize
+    images = torch.from_numpy(np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]))
     extractor = domain_extractor(cfg, ws, reason="optimize scores realism with the in-domain extractor")
     train_set = load_split(ws, "train")
     train_feats = embed(extractor.module, train_set.images)
@@ -64,11 +70,14 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         score=combined_score(realism, novelty, o.realism_weight, o.novelty_weight),
     )
     scores["near_copy"] = scores["novelty"] < o.min_novelty
-    eligible = scores[~scores["near_copy"]].sort_values("score", ascending=False)
-    kept = eligible.head(o.keep)
+    kept = scores[~scores["near_copy"]].sort_values("score", ascending=False).head(o.keep)
     scores["kept"] = scores.index.isin(kept.index)
+    return scores, kept, extractor.kind
 
-    target = ws.curated / version
+
+def _write_curated(target: Path, src: Path, scores: pd.DataFrame, kept: pd.DataFrame,
+                   arrays: list[np.ndarray]) -> None:
+    """The kept images, every score and a grid of the best, published as one folder."""
     with atomic_dir(target) as tmp:
         for f in kept["file"]:
             shutil.copyfile(src / f, tmp / f)
@@ -77,7 +86,15 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
             grid_imgs = np.stack([arrays[i] if arrays[i].ndim == 3 else arrays[i][:, :, None]
                                   for i in kept.index[:80]])
             make_grid(grid_imgs, scale=2).save(tmp / "grid.png")
-    sink = join_s3_uri(o.sink, version) if o.sink else None
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Curate the latest generated batch into outputs/curated/<version>/."""
+    version, src, batch, arrays = _latest_batch(ws)
+    scores, kept, extractor_kind = _score(cfg, ws, batch, arrays)
+    target = ws.curated / version
+    _write_curated(target, src, scores, kept, arrays)
+    sink = join_s3_uri(cfg.optimize.sink, version) if cfg.optimize.sink else None
     uploaded = upload_dir(target, sink) if sink else []
     summary = {
         "model_version": version,
@@ -88,7 +105,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "mean_score_kept": round(float(kept["score"].mean()), 6) if len(kept) else None,
         "mean_realism_all": round(float(scores["realism"].mean()), 6),
         "mean_novelty_all": round(float(scores["novelty"].mean()), 6),
-        "extractor": extractor.kind,
+        "extractor": extractor_kind,
         "sink": sink,
         "sink_objects": len(uploaded),
     }
