@@ -12,6 +12,7 @@ from genloop.cli.options import ParamsOpt, SetOpt, VerboseOpt, WorkspaceOpt
 from genloop.cli.options import fail as _fail
 
 feedback_app = typer.Typer(
+    rich_markup_mode=None,
     help="The feedback store (feedback.store: a folder or s3:// prefix): reviewers' accept/reject "
     "decisions and 1-5 ratings on curated images, one immutable record per action.",
     no_args_is_help=True,
@@ -53,7 +54,7 @@ def review(
         serve(cfg, Workspace.at(workspace), host=host, port=port, reviewer=reviewer, version=version,
               allow_remote=allow_remote, on_ready=ready)
     except GenloopError as exc:
-        _fail(str(exc))
+        _fail(exc)
 
 
 @feedback_app.command("import")
@@ -99,7 +100,7 @@ def import_feedback(
             err.print(f"  {problem}", markup=False)
         raise typer.Exit(2) from None
     except GenloopError as exc:
-        _fail(str(exc))
+        _fail(exc)
         return
     extra = []
     if result.already_present:
@@ -134,7 +135,7 @@ def feedback_stats(
         records = store.records()
         rows = stats(records, ws)
     except GenloopError as exc:
-        _fail(str(exc))
+        _fail(exc)
         return
     if as_json:
         typer.echo(json.dumps({"store": store.location, "records": len(records), "versions": rows}, indent=2))

@@ -18,9 +18,25 @@ app = typer.Typer(
     + " -> ".join(ORDER)
     + ". `genloop loop` runs them all as a Prefect flow; `dvc repro` runs clean..optimize from dvc.yaml.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: their "[default: …]" and brackets print as written
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"genloop {version('genloop')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print genloop's version and exit.")] = False,
+) -> None:
+    """genloop: the generative-AI data flywheel."""
 
 
 def _run_stage(name: str, params: Path, sets: list[str] | None, workspace: Path, verbose: bool) -> dict[str, Any]:
@@ -37,7 +53,7 @@ def _run_stage(name: str, params: Path, sets: list[str] | None, workspace: Path,
         with workspace_lock(ws, f"genloop {name}"):
             return BY_NAME[name].run(cfg, ws)
     except GenloopError as exc:
-        fail(str(exc))
+        fail(exc)
         raise  # unreachable: fail exits
 
 
@@ -110,7 +126,7 @@ def loop(
             result = loop_flow(params_file=str(params), overrides=set_ or [], workspace=str(workspace),
                                collect=collect)
     except GenloopError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     typer.echo(result["where"])
 
@@ -124,7 +140,7 @@ def _transfer_data(verb: str, workspace: Path, verbose: bool) -> None:
     try:
         remote = getattr(dvc_remote, verb)(workspace.resolve())
     except GenloopError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     typer.echo(f"{verb}: data.dvc {'to' if verb == 'push' else 'from'} DVC remote {remote.name!r} ({remote.url})")
 
@@ -142,6 +158,7 @@ def pull_data(workspace: WorkspaceOpt = Path("."), verbose: VerboseOpt = False) 
 
 
 services_app = typer.Typer(
+    rich_markup_mode=None,
     help="Local services for scheduled runs on 127.0.0.1: an MLflow tracking server (sqlite, served "
     "artifacts), a Prefect server and a worker on the process work pool 'genloop-local'. "
     "State and logs live in <workspace>/.genloop/services/.",
@@ -175,7 +192,7 @@ def services_up(
         state = local_services.up(_services_home(workspace, home), workspace.resolve(),
                             local_services.Ports(mlflow=mlflow_port, prefect=prefect_port), timeout=timeout)
     except GenloopError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     typer.echo(f"services up in {state['startup_seconds']} s\n" + local_services.describe(state))
 
@@ -238,7 +255,7 @@ def rollback_champion(
         with workspace_lock(ws, "genloop rollback"):
             summary = aliases.rollback(cfg.register_.model_name, to=to, reason=reason, force=force)
     except GenloopError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     write_json_atomic(ws.report("rollback"), summary)
     typer.echo(json.dumps(summary, indent=2))
@@ -255,7 +272,7 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     try:
         cfg = load_params(params, set_ or [])
     except GenloopError as exc:
-        fail(str(exc))
+        fail(exc)
         return
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 

@@ -18,9 +18,21 @@ WorkspaceOpt = Annotated[
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging.")]
 
 
-def fail(message: str) -> None:
-    """Print `error: message` on stderr and exit with status 2 (a user-fixable problem)."""
-    from rich.console import Console
+EX_USAGE = 2  # a problem the user fixes (params, input files, a missing stage output)
+EX_TEMPFAIL = 75  # sysexits.h: a server or endpoint did not answer; a scheduler may retry later
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+
+def exit_code(problem: str | BaseException) -> int:
+    """75 (EX_TEMPFAIL) when a server was temporarily unreachable, else 2."""
+    from genloop.core.errors import Unreachable
+
+    return EX_TEMPFAIL if isinstance(problem, Unreachable) else EX_USAGE
+
+
+def fail(problem: str | BaseException) -> None:
+    """Print `error: <problem>` on stderr and exit: 75 when a server was unreachable, else 2."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exit_code(problem))
