@@ -12,28 +12,44 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-integration lint lock clean-workspace services services-down services-status deploy
+.PHONY: install install-dev run test test-integration lint lock clean-workspace services services-down services-status deploy
 
-$(BIN)/.installed: pyproject.toml requirements.lock
+# genloop runs on Python >= 3.11 (pyproject's requires-python): say so before building a venv that cannot work
+PYTHON_OK = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	|| { echo "genloop needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1). Run: make PYTHON=python3.11 ..." >&2; exit 1; }
+UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_SOURCE)
+
+$(BIN)/uv:
+	@$(PYTHON_OK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.9
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_SOURCE) -r requirements.lock
+
+# the runtime lock (no test tools; what the Docker image installs too), with hashes
+$(BIN)/.installed: pyproject.toml requirements.lock | $(BIN)/uv
+	$(UV_INSTALL) -r requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
-install: $(BIN)/.installed  ## create .venv and install the pinned lock + genloop
+# the runtime lock plus the test tools (pytest, moto, ruff, playwright), with hashes
+$(BIN)/.installed-dev: $(BIN)/.installed requirements-dev.lock
+	$(UV_INSTALL) -r requirements-dev.lock
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv and install the pinned runtime lock + genloop
+
+install-dev: $(BIN)/.installed-dev  ## install + the pinned test tools
 
 run: install  ## collect the built-in corpus and run the whole loop (Prefect flow, MLflow, DVC)
 	$(BIN)/genloop loop
 
-test: install  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
+test: install-dev  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
 	@# the review page's browser test drives Debian's chromium (Playwright cannot download browsers offline)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "chromium unavailable: the browser test will be skipped"
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, one test file each: the servers mostly wait
 
-test-integration: install  ## only the tests against real servers (services, deployments, S3, failures)
+test-integration: install-dev  ## only the tests against real servers (services, deployments, S3, failures)
 	$(BIN)/python -m pytest -q -m integration
 
 services: install  ## start MLflow server, Prefect server and a process worker on 127.0.0.1 (logs: .genloop/services/logs)
@@ -48,13 +64,14 @@ services-status:
 deploy: install  ## register the local deployments (nightly, hourly) with the running Prefect server
 	source .genloop/services/env.sh && $(BIN)/prefect --no-prompt deploy --name nightly --name hourly --prefect-file flows/prefect.yaml
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check src tests flows
 
-lock:  ## re-resolve requirements.lock after changing pyproject.toml
-	uv pip compile pyproject.toml --extra test --python-version 3.11 \
-	  --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
-	  --override requirements-torch-override.txt --no-emit-find-links -o requirements.lock
+LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
+	--override requirements-torch-override.txt --no-emit-find-links --generate-hashes
+lock:  ## re-resolve requirements.lock (runtime) and requirements-dev.lock (+ test tools) after changing pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test $(LOCK_FLAGS) -o requirements-dev.lock
 
 clean-workspace:  ## remove everything the loop wrote (data, models, runs, outputs)
 	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop/cache gx/uncommitted data.dvc

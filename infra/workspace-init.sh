@@ -10,7 +10,7 @@
 #
 # GENLOOP_DVC_REMOTE (e.g. s3://genloop-data/dvc), when set, becomes the default DVC remote in
 # .dvc/config.local: local to this machine and never committed, like every endpoint and
-# credential. genloop hands GENLOOP_S3_ENDPOINT_URL to dvc itself (src/genloop/dvc_remote.py).
+# credential. genloop hands GENLOOP_S3_ENDPOINT_URL to dvc itself (src/genloop/mlops/dvc_remote.py).
 # Run by the worker entrypoint, by the init container of every Kubernetes pod that uses the
 # workspace volume, and safe to run any number of times.
 set -euo pipefail

@@ -44,7 +44,7 @@ WORKERS = ("worker", "worker-cpu")
 # credentials proper (an access key id, like a user name, identifies; it does not authenticate)
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN")
 # the variables by which genloop reaches its services on every target (point 3 of the issue):
-# `genloop services up` exports the first three (src/genloop/services.py); S3 and DVC come from
+# `genloop services up` exports the first three (src/genloop/orchestrate/local_services.py); S3 and DVC come from
 # the shell there, from the compose file and from the Kubernetes ConfigMap/Secret elsewhere
 ENDPOINT_VARS = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "GENLOOP_S3_ENDPOINT_URL",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "GENLOOP_DVC_REMOTE"}
@@ -716,7 +716,7 @@ def test_workspace_init_seeds_a_workspace_once_and_sets_the_dvc_remote_locally(t
     env = cli_env(tmp_path, GENLOOP_SOURCE=str(ROOT), GENLOOP_DVC_REMOTE="s3://genloop-data/dvc")
     run_cli([str(INFRA / "workspace-init.sh"), str(ws)], tmp_path, env, timeout=120)
     assert (ws / "params.yaml").read_bytes() == (ROOT / "params.yaml").read_bytes()
-    assert (ws / "flows" / "loop.py").exists() and (ws / "src" / "genloop" / "cli.py").exists()
+    assert (ws / "flows" / "loop.py").exists() and (ws / "src" / "genloop" / "cli" / "main.py").exists()
     assert not list(ws.rglob("__pycache__")) and not list(ws.rglob("*.egg-info"))
     assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True).returncode == 0
     remote = default_remote(ws)
@@ -804,7 +804,6 @@ def entrypoint_worker(local_services: Any, moto_server: str) -> Any:
             proc.wait()
 
 
-@pytest.mark.integration
 def test_worker_entrypoint_as_a_plain_process_completes_a_deployment_run(local_services, entrypoint_worker,
                                                                          moto_server):
     import boto3
@@ -842,7 +841,6 @@ def test_worker_entrypoint_as_a_plain_process_completes_a_deployment_run(local_s
                      trust_env=False).status_code == 200
 
 
-@pytest.mark.integration
 def test_k8s_deployment_deploys_onto_a_pool_made_from_the_base_job_template(local_services):
     ws, state = local_services
     env = cli_env(ws, **state["env"])
