@@ -74,4 +74,5 @@ lock:  ## re-resolve requirements.lock (runtime) and requirements-dev.lock (+ te
 	$(BIN)/uv pip compile pyproject.toml --extra test $(LOCK_FLAGS) -o requirements-dev.lock
 
 clean-workspace:  ## remove everything the loop wrote (data, models, runs, outputs)
-	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop/cache gx/uncommitted data.dvc
+	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop/cache gx/uncommitted
+	git checkout -- data.dvc  # the committed version of the built-in corpus

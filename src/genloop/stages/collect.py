@@ -49,6 +49,10 @@ from genloop.mlops.dvc_remote import Remote, default_remote, push
 
 log = logging.getLogger(__name__)
 
+# The built-in corpus ships with genloop, so its ledger rows carry one fixed collection time: every
+# machine then builds byte-identical data/raw and the same data.dvc, which the repository commits.
+BUILTIN_COLLECTED_AT = "2026-11-23T00:00:00+00:00"
+
 SCHEMES = ("builtin:mnist", "a local directory path (or file://path)", "s3://bucket/prefix",
            "feedback: (curated images reviewers accepted, from feedback.store)")
 _EXT = re.compile(r"^\.[a-z0-9]{1,5}$")
@@ -257,9 +261,10 @@ class _Staged:
         rel = f"{digest[:2]}/{digest}{_suffix(item.original)}"
         self.write(rel, item.data)
         self._first[digest] = f"{source}: {item.original}"
+        collected_at = BUILTIN_COLLECTED_AT if source.startswith("builtin:") else self.now
         self.rows.append({
             "sha256": digest, "file": rel, "source": source, "original": item.original, "label": item.label,
-            "collected_at": self.now, "provenance": json.dumps(item.provenance, sort_keys=True), "role": ROLE_TRAIN,
+            "collected_at": collected_at, "provenance": json.dumps(item.provenance, sort_keys=True), "role": ROLE_TRAIN,
         })
         return True
 
