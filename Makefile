@@ -62,7 +62,7 @@ services-status:
 	$(BIN)/genloop services status
 
 deploy: install  ## register the local deployments (nightly, hourly) with the running Prefect server
-	source .genloop/services/env.sh && $(BIN)/prefect --no-prompt deploy --name nightly --name hourly --prefect-file flows/prefect.yaml
+	source .genloop/services/env.sh && $(BIN)/prefect --no-prompt deploy --all --prefect-file flows/prefect.yaml
 
 lint: install-dev
 	$(BIN)/ruff check src tests flows

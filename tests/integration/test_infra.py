@@ -242,7 +242,8 @@ def _container_env_names(container: dict[str, Any], configmaps: dict[str, dict[s
 
 
 def _prefect_deployments() -> dict[str, dict[str, Any]]:
-    return {d["name"]: d for d in yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())["deployments"]}
+    return {d["name"]: d for f in (ROOT / "flows" / "prefect.yaml", K8S / "prefect.yaml")
+            for d in yaml.safe_load(f.read_text())["deployments"]}
 
 
 def _dockerfile(name: str = "Dockerfile") -> list[str]:
@@ -849,8 +850,8 @@ def test_k8s_deployment_deploys_onto_a_pool_made_from_the_base_job_template(loca
              "--base-job-template", str(template)], ws, env, timeout=120)
     pool = _api(state, "GET", "/work_pools/genloop-k8s")
     assert pool["type"] == "kubernetes" and pool["base_job_template"] == json.loads(template.read_text())
-    run_cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "k8s-gpu",
-             "--prefect-file", "flows/prefect.yaml"], ws, env, timeout=300)
+    run_cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all",
+             "--prefect-file", str(K8S / "prefect.yaml")], ws, env, timeout=300)
     deployment = _api(state, "GET", "/deployments/name/genloop-loop/k8s-gpu")
     assert deployment["work_pool_name"] == "genloop-k8s"
     assert deployment["job_variables"] == {"gpus": 1}
