@@ -1,0 +1,1 @@
+"""The command line (typer): one command per stage, `loop`, services, review and feedback."""

@@ -1,0 +1,1 @@
+"""Shared foundations: params, workspace, storage, errors, tables, lock, provenance, logs, images."""

@@ -1,0 +1,1 @@
+"""Judges: feature extractors, distribution metrics, reference statistics, the promotion gate."""

@@ -1,4 +1,4 @@
-"""Generative model families, one self-contained module each, picked by name.
+"""Generative model families, one self-contained module each, chosen by `model.family`.
 
 Every family module exposes:
 
