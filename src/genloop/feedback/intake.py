@@ -205,57 +205,76 @@ def _row(sha: str, file: object, original: str, label: object, provenance: dict[
             "collected_at": now, "provenance": json.dumps(provenance, sort_keys=True, default=str), "role": role}
 
 
-def intake(cfg: Params, ws: Workspace, source: Source, ledger: pd.DataFrame,
-           new_rows: list[dict[str, object]], now: str) -> Intake:
-    """Apply the reviewers' latest decisions to the ledger: negatives, role changes, and the
-    accepted images that fit under the cap. `new_rows` are this collect's rows from the other
-    sources (all real, all trained on)."""
-    review = read_review(cfg, ws)
-    ledger = ledger.copy()
+@dataclass
+class _Rejections:
+    """What the rejected images change: new negative rows, images retracted from training, bytes rejected."""
+
+    negatives: list[dict[str, object]] = field(default_factory=list)  # ledger rows of new negatives
+    retracted: list[str] = field(default_factory=list)  # image ids turned from training rows into negatives
+    rejected_sha: dict[str, str] = field(default_factory=dict)  # sha256 -> image id
+
+
+@dataclass
+class _Selection:
+    """The accepted images chosen under the cap, and what became of the others."""
+
+    chosen: list[Candidate] = field(default_factory=list)
+    capped: list[str] = field(default_factory=list)  # image ids that wait for a later collect
+    already: int = 0  # collected before and still trained on
+    reinstated: list[str] = field(default_factory=list)  # image ids of negatives accepted now
+    drop: list[int] = field(default_factory=list)  # ledger index of those negatives' rows
+
+
+def _index_ledger(ledger: pd.DataFrame, new_rows: list[dict[str, object]]) -> tuple[dict[str, int], set[str]]:
+    """The feedback rows' ledger index by sha256, and the sha256s of every other source (this collect's too)."""
     is_fb = ledger["source"] == FEEDBACK_SOURCE
     fb_index = {sha: i for i, sha in zip(ledger.index[is_fb], ledger.loc[is_fb, "sha256"], strict=True)}
     other = set(ledger.loc[~is_fb, "sha256"].dropna()) | {str(r["sha256"]) for r in new_rows}
-    skipped = list(review.skipped)
+    return fb_index, other
 
-    # rejected: recorded as negatives; an image accepted before now leaves the training corpus
-    negatives: list[dict[str, object]] = []
-    retracted: list[str] = []
-    rejected_sha: dict[str, str] = {}
+
+def _record_rejections(review: Review, ledger: pd.DataFrame, fb_index: dict[str, int], other: set[str],
+                       skipped: list[dict[str, str]], now: str) -> _Rejections:
+    """Rejected images become negatives; one accepted before leaves the training corpus (`ledger` in place)."""
+    out = _Rejections()
     for rec, facts in review.rejected:
-        rejected_sha[rec.sha256] = rec.image_id
+        out.rejected_sha[rec.sha256] = rec.image_id
         i = fb_index.get(rec.sha256)
         if i is not None:
             if ledger.at[i, "role"] != ROLE_NEGATIVE:
                 ledger.at[i, "role"] = ROLE_NEGATIVE
-                retracted.append(rec.image_id)
+                out.retracted.append(rec.image_id)
             continue
         if rec.sha256 in other:
             skipped.append({"image_id": rec.image_id, "reason": "rejected, but the same bytes were collected from "
                             "a real source: left in the corpus"})
             continue
-        if any(r["sha256"] == rec.sha256 for r in negatives):
+        if any(r["sha256"] == rec.sha256 for r in out.negatives):
             continue
         label = facts.get("label")
         original = f"outputs/curated/{rec.model_version}/{facts['file']}"
-        negatives.append(_row(rec.sha256, pd.NA, original, None if label is None else str(label),
-                              _provenance(rec, facts, str(facts["file"])), ROLE_NEGATIVE, now))
+        out.negatives.append(_row(rec.sha256, pd.NA, original, None if label is None else str(label),
+                                  _provenance(rec, facts, str(facts["file"])), ROLE_NEGATIVE, now))
+    return out
 
-    # accepted: up to the cap, in priority order
+
+def _corpus_counts(ledger: pd.DataFrame, new_rows: list[dict[str, object]]) -> tuple[int, int]:
+    """(real, synthetic): the trained-on rows of the other sources (this collect's included) and of feedback."""
     train = ledger["role"] != ROLE_NEGATIVE
     real = int((train & (ledger["source"] != FEEDBACK_SOURCE)).sum()) + len(new_rows)
     synthetic = int((train & (ledger["source"] == FEEDBACK_SOURCE)).sum())
-    budget = synthetic_budget(real, synthetic, cfg.collect.max_synthetic_fraction)
-    offered = review.accepted[: source.limit] if source.limit else review.accepted
-    chosen: list[Candidate] = []
-    capped: list[str] = []
-    already = 0
-    reinstated: list[str] = []
-    drop: list[int] = []
+    return real, synthetic
+
+
+def _select_accepted(offered: list[Candidate], ledger: pd.DataFrame, fb_index: dict[str, int], other: set[str],
+                     rejected_sha: dict[str, str], budget: int, skipped: list[dict[str, str]]) -> _Selection:
+    """The accepted images to add, in priority order, up to `budget`; duplicates and rejected bytes skipped."""
+    out = _Selection()
     seen: set[str] = set()
     for cand in offered:
         i = fb_index.get(cand.sha256)
         if i is not None and ledger.at[i, "role"] != ROLE_NEGATIVE:
-            already += 1
+            out.already += 1
             continue
         if cand.sha256 in rejected_sha:
             skipped.append({"image_id": cand.image_id,
@@ -265,55 +284,88 @@ def intake(cfg: Params, ws: Workspace, source: Source, ledger: pd.DataFrame,
             skipped.append({"image_id": cand.image_id, "reason": "the same bytes are in the corpus already"})
             continue
         seen.add(cand.sha256)
-        if len(chosen) >= budget:
-            capped.append(cand.image_id)
+        if len(out.chosen) >= budget:
+            out.capped.append(cand.image_id)
             continue
-        chosen.append(cand)
+        out.chosen.append(cand)
         if i is not None:  # a negative accepted now: its row gives way to a training row with a file
-            drop.append(i)
-            reinstated.append(cand.image_id)
+            out.drop.append(i)
+            out.reinstated.append(cand.image_id)
+    return out
+
+
+def _updated_ledger(ledger: pd.DataFrame, drop: list[int], negatives: list[dict[str, object]]) -> pd.DataFrame:
+    """The ledger without the reinstated negatives' rows, with the new negatives, renumbered."""
     if drop:
         ledger = ledger.drop(index=drop)
     if negatives:
         ledger = pd.concat([ledger, pd.DataFrame(negatives)], ignore_index=True)
-    ledger = ledger.reset_index(drop=True)
+    return ledger.reset_index(drop=True)
 
+
+def _training_rows(chosen: list[Candidate], now: str) -> list[tuple[dict[str, object], bytes]]:
+    """The ledger rows (file named by sha256) and bytes of the chosen accepted images."""
     new: list[tuple[dict[str, object], bytes]] = []
     for cand in chosen:
         suffix = PurePosixPath(cand.item.original).suffix.lower() or ".png"
         row = _row(cand.sha256, f"{cand.sha256[:2]}/{cand.sha256}{suffix}", cand.item.original,
                    cand.item.label, cand.item.provenance, ROLE_TRAIN, now)
         new.append((row, cand.item.data))
-    synthetic_after = synthetic + len(chosen)
+    return new
+
+
+def _intake_report(cfg: Params, review: Review, ledger: pd.DataFrame, rejections: _Rejections,
+                   selection: _Selection, skipped: list[dict[str, str]], real: int, synthetic: int,
+                   budget: int) -> dict[str, Any]:
+    """The `feedback` section of reports/collect.json."""
+    synthetic_after = synthetic + len(selection.chosen)
     corpus = real + synthetic_after
-    negatives_total = int((ledger["role"] == ROLE_NEGATIVE).sum())
-    report = {
+    return {
         "store": review.store,
         "reviewed": review.n_accepted + review.n_rejected,
         "accepted": review.n_accepted,
         "rejected": review.n_rejected,
         "rejected_share_of_reviewed": review.rejected_share,
-        "accepted_added": len(chosen),
-        "already_collected": already,
-        "capped": len(capped),
-        "capped_images": capped[:MAX_LISTED],
+        "accepted_added": len(selection.chosen),
+        "already_collected": selection.already,
+        "capped": len(selection.capped),
+        "capped_images": selection.capped[:MAX_LISTED],
         "max_synthetic_fraction": cfg.collect.max_synthetic_fraction,
         "synthetic_budget": min(budget, 2**31),
         "synthetic_in_corpus": synthetic_after,
         "corpus": corpus,
         "synthetic_share": round(synthetic_after / corpus, 6) if corpus else 0.0,
-        "negatives_recorded": len(negatives),
-        "negatives_total": negatives_total,
-        "retracted": len(retracted),
-        "retracted_images": retracted[:MAX_LISTED],
-        "reinstated": len(reinstated),
+        "negatives_recorded": len(rejections.negatives),
+        "negatives_total": int((ledger["role"] == ROLE_NEGATIVE).sum()),
+        "retracted": len(rejections.retracted),
+        "retracted_images": rejections.retracted[:MAX_LISTED],
+        "reinstated": len(selection.reinstated),
         "skipped": skipped[:MAX_LISTED],
         "skipped_count": len(skipped),
     }
-    if capped:
-        log.info("feedback: %d accepted images wait for a later collect: the synthetic share is capped at %.0f%% "
-                 "(collect.max_synthetic_fraction)", len(capped), 100 * cfg.collect.max_synthetic_fraction)
-    log.info("feedback: %d accepted images added, %d negatives recorded, synthetic share %.1f%%",
-             len(chosen), len(negatives), 100 * report["synthetic_share"])
-    return Intake(ledger=ledger, new=new, counts={"offered": len(offered), "added": len(chosen)}, report=report)
 
+
+def intake(cfg: Params, ws: Workspace, source: Source, ledger: pd.DataFrame,
+           new_rows: list[dict[str, object]], now: str) -> Intake:
+    """Apply the reviewers' latest decisions to the ledger: negatives, role changes, and the
+    accepted images that fit under the cap. `new_rows` are this collect's rows from the other
+    sources (all real, all trained on)."""
+    review = read_review(cfg, ws)
+    ledger = ledger.copy()
+    fb_index, other = _index_ledger(ledger, new_rows)
+    skipped = list(review.skipped)
+    rejections = _record_rejections(review, ledger, fb_index, other, skipped, now)
+    real, synthetic = _corpus_counts(ledger, new_rows)
+    budget = synthetic_budget(real, synthetic, cfg.collect.max_synthetic_fraction)
+    offered = review.accepted[: source.limit] if source.limit else review.accepted
+    selection = _select_accepted(offered, ledger, fb_index, other, rejections.rejected_sha, budget, skipped)
+    ledger = _updated_ledger(ledger, selection.drop, rejections.negatives)
+    new = _training_rows(selection.chosen, now)
+    report = _intake_report(cfg, review, ledger, rejections, selection, skipped, real, synthetic, budget)
+    if selection.capped:
+        log.info("feedback: %d accepted images wait for a later collect: the synthetic share is capped at %.0f%% "
+                 "(collect.max_synthetic_fraction)", len(selection.capped), 100 * cfg.collect.max_synthetic_fraction)
+    log.info("feedback: %d accepted images added, %d negatives recorded, synthetic share %.1f%%",
+             len(selection.chosen), len(rejections.negatives), 100 * report["synthetic_share"])
+    return Intake(ledger=ledger, new=new, counts={"offered": len(offered), "added": len(selection.chosen)},
+                  report=report)

@@ -243,6 +243,132 @@ SECURITY_HEADERS = {
 # the app
 
 
+class _ReviewApi:
+    """The review app's handlers and what they serve: one curated batch, its reviewer, the store's state."""
+
+    def __init__(self, cfg: Params, ws: Workspace, batch: CuratedBatch, state: ReviewState, reviewer: str,
+                 token: str, hosts: set[str] | None) -> None:
+        self.cfg, self.ws, self.batch, self.state, self.reviewer = cfg, ws, batch, state, reviewer
+        self.store = state.store
+        self.html, self.csp = _page_html()
+        self.hosts = hosts
+        self.token_bytes = token.encode()
+
+    def access_refusal(self, request: Request) -> JSONResponse | None:
+        """403 for a foreign Host header, 401 without a token, 403 for a wrong one, else the write checks."""
+        if self.hosts is not None and _host_name(request.headers.get("host", "")) not in self.hosts:
+            return _deny(403, "unexpected Host header: open the URL `genloop review` printed")
+        given = _given_token(request)
+        if not given:
+            return _deny(401, f"a token is required: open the URL `genloop review` printed "
+                         f"(or send it in the {TOKEN_HEADER} header)", **{"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode(), self.token_bytes):
+            return _deny(403, "wrong token: open the URL `genloop review` printed")
+        return None if request.method in SAFE_METHODS else _write_refusal(request)
+
+    async def guard(self, request: Request, call_next: Callable[[Request], Any]) -> Response:
+        """The HTTP middleware: refuse unwelcome requests, pass the rest on, add the security headers."""
+        response: Response = self.access_refusal(request) or await call_next(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def index(self) -> HTMLResponse:
+        """GET /: the page, under its Content-Security-Policy."""
+        return HTMLResponse(self.html, headers={"Content-Security-Policy": self.csp})
+
+    def batch_info(self) -> dict[str, Any]:
+        """GET /api/batch: the model, version, reviewer, store and counts of the batch."""
+        batch, store = self.batch, self.store
+        first = batch.images[0] if batch.images else None
+        return {"model_name": first.model_name if first else self.cfg.register_.model_name,
+                "model_version": batch.version, "reviewer": self.reviewer, "page_size": DEFAULT_PAGE_SIZE,
+                "store": store.location if store.is_s3 else os.path.relpath(store.location, self.ws.root),
+                "counts": _counts(batch, self.state)}
+
+    def items(self, page: int = Query(1, ge=1), size: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
+              show: Show = "all") -> dict[str, Any]:
+        """GET /api/items: one page of the images that `show` selects, with their review state."""
+        batch, state = self.batch, self.state
+        if show == "all":
+            chosen = batch.images
+        else:
+            now = state.snapshot(batch.by_id)
+            chosen = [i for i in batch.images if _matches(show, now.get(i.image_id))]
+        pages = max(1, -(-len(chosen) // size))
+        page_images = chosen[(page - 1) * size: page * size]
+        current = state.snapshot(i.image_id for i in page_images)
+        return {"page": page, "pages": pages, "size": size, "total": len(chosen), "show": show,
+                "items": [_item_json(i, current.get(i.image_id)) for i in page_images]}
+
+    def image_or_error(self, image_id: str) -> CuratedImage:
+        """The batch's image of this id; 400 for a malformed id, 404 for one not in the batch."""
+        try:
+            check_image_id(image_id)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        image = self.batch.by_id.get(image_id)
+        if image is None:
+            raise HTTPException(404, f"no image {image_id} in the curated batch of version {self.batch.version}")
+        return image
+
+    def image_file(self, image_id: str) -> FileResponse:
+        """GET /api/images/{image_id}: the image file, from the batch folder only."""
+        image = self.image_or_error(image_id)
+        try:
+            path = self.batch.path(image)
+        except FeedbackError as exc:
+            raise HTTPException(404, str(exc)) from None
+        if not path.is_file():
+            raise HTTPException(404, f"image {image_id} is gone from {self.batch.folder}")
+        return FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})
+
+    def post_feedback(self, action: Action) -> dict[str, Any]:
+        """POST /api/feedback: save one action as a FeedbackRecord; the image's new state and the counts."""
+        batch = self.batch
+        image = self.image_or_error(action.image_id)
+        if action.decision is None and action.rating is None:
+            raise HTTPException(422, "send a decision (accept/reject), a rating (1-5), or both")
+        try:
+            record = FeedbackRecord(
+                image_id=image.image_id, sha256=batch.sha256(image), model_name=image.model_name,
+                model_version=image.model_version, seed=image.seed, decision=action.decision,
+                rating=action.rating, reviewer=action.reviewer or self.reviewer, source="review")
+            current = self.state.append(record)
+        except FeedbackError as exc:
+            log.error("review: could not save feedback on %s: %s", image.image_id, exc)
+            raise HTTPException(503, f"feedback not saved: {exc}") from None
+        except OSError as exc:
+            raise HTTPException(404, f"image {image.image_id} cannot be read: {exc}") from None
+        log.debug("review: %s %s rating=%s by %s", image.image_id, record.decision, record.rating, record.reviewer)
+        return {"id": image.image_id, "record_id": record.record_id, **_state_json(current),
+                "counts": _counts(batch, self.state)}
+
+    def refresh(self) -> dict[str, Any]:
+        """POST /api/refresh: read the store again (other reviewers' records); its size and the counts."""
+        try:
+            n = self.state.reload()
+        except FeedbackError as exc:
+            raise HTTPException(503, str(exc)) from None
+        return {"records": n, "counts": _counts(self.batch, self.state)}
+
+
+def _build_app(api: _ReviewApi) -> FastAPI:
+    """A FastAPI app with the guard middleware and the routes of `api`."""
+    app = FastAPI(title="genloop review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batch = api.batch
+    app.state.review = api.state
+    app.middleware("http")(api.guard)
+    app.get("/", response_class=HTMLResponse)(api.index)
+    app.get("/api/batch")(api.batch_info)
+    app.get("/api/items")(api.items)
+    app.get("/api/images/{image_id}")(api.image_file)
+    app.post("/api/feedback")(api.post_feedback)
+    app.post("/api/refresh")(api.refresh)
+    return app
+
+
 def create_app(cfg: Params, ws: Workspace, token: str, reviewer: str, version: str | None = None, *,
                allowed_hosts: Iterable[str] | None = LOOPBACK_NAMES,
                store: FeedbackStore | None = None) -> FastAPI:
@@ -259,112 +385,11 @@ def create_app(cfg: Params, ws: Workspace, token: str, reviewer: str, version: s
     store = store or FeedbackStore.open(cfg.feedback.store, ws)
     state = ReviewState(store)
     n_records = state.reload()
-    html, csp = _page_html()
     hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
-    token_bytes = token.encode()
+    api = _ReviewApi(cfg, ws, batch, state, reviewer, token, hosts)
     log.info("review: %d curated images of model version %s from %s; feedback store %s (%d records)",
              len(batch), version, batch.folder, store.location, n_records)
-
-    app = FastAPI(title="genloop review", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batch = batch
-    app.state.review = state
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if hosts is not None and _host_name(request.headers.get("host", "")) not in hosts:
-            response: Response = _deny(403, "unexpected Host header: open the URL `genloop review` printed")
-        else:
-            given = _given_token(request)
-            if not given:
-                response = _deny(401, f"a token is required: open the URL `genloop review` printed "
-                                 f"(or send it in the {TOKEN_HEADER} header)", **{"WWW-Authenticate": "Bearer"})
-            elif not hmac.compare_digest(given.encode(), token_bytes):
-                response = _deny(403, "wrong token: open the URL `genloop review` printed")
-            else:
-                refusal = None if request.method in SAFE_METHODS else _write_refusal(request)
-                response = refusal or await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
-        return HTMLResponse(html, headers={"Content-Security-Policy": csp})
-
-    @app.get("/api/batch")
-    def batch_info() -> dict[str, Any]:
-        first = batch.images[0] if batch.images else None
-        return {"model_name": first.model_name if first else cfg.register_.model_name,
-                "model_version": batch.version, "reviewer": reviewer, "page_size": DEFAULT_PAGE_SIZE,
-                "store": store.location if store.is_s3 else os.path.relpath(store.location, ws.root),
-                "counts": _counts(batch, state)}
-
-    @app.get("/api/items")
-    def items(page: int = Query(1, ge=1), size: int = Query(DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
-              show: Show = "all") -> dict[str, Any]:
-        if show == "all":
-            chosen = batch.images
-            current = None
-        else:
-            current = state.snapshot(batch.by_id)
-            chosen = [i for i in batch.images if _matches(show, current.get(i.image_id))]
-        pages = max(1, -(-len(chosen) // size))
-        page_images = chosen[(page - 1) * size: page * size]
-        current = state.snapshot(i.image_id for i in page_images)
-        return {"page": page, "pages": pages, "size": size, "total": len(chosen), "show": show,
-                "items": [_item_json(i, current.get(i.image_id)) for i in page_images]}
-
-    def image_or_error(image_id: str) -> CuratedImage:
-        try:
-            check_image_id(image_id)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        image = batch.by_id.get(image_id)
-        if image is None:
-            raise HTTPException(404, f"no image {image_id} in the curated batch of version {batch.version}")
-        return image
-
-    @app.get("/api/images/{image_id}")
-    def image_file(image_id: str) -> FileResponse:
-        image = image_or_error(image_id)
-        try:
-            path = batch.path(image)
-        except FeedbackError as exc:
-            raise HTTPException(404, str(exc)) from None
-        if not path.is_file():
-            raise HTTPException(404, f"image {image_id} is gone from {batch.folder}")
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})
-
-    @app.post("/api/feedback")
-    def post_feedback(action: Action) -> dict[str, Any]:
-        image = image_or_error(action.image_id)
-        if action.decision is None and action.rating is None:
-            raise HTTPException(422, "send a decision (accept/reject), a rating (1-5), or both")
-        try:
-            record = FeedbackRecord(
-                image_id=image.image_id, sha256=batch.sha256(image), model_name=image.model_name,
-                model_version=image.model_version, seed=image.seed, decision=action.decision,
-                rating=action.rating, reviewer=action.reviewer or reviewer, source="review")
-            current = state.append(record)
-        except FeedbackError as exc:
-            log.error("review: could not save feedback on %s: %s", image.image_id, exc)
-            raise HTTPException(503, f"feedback not saved: {exc}") from None
-        except OSError as exc:
-            raise HTTPException(404, f"image {image.image_id} cannot be read: {exc}") from None
-        log.debug("review: %s %s rating=%s by %s", image.image_id, record.decision, record.rating, record.reviewer)
-        return {"id": image.image_id, "record_id": record.record_id, **_state_json(current),
-                "counts": _counts(batch, state)}
-
-    @app.post("/api/refresh")
-    def refresh() -> dict[str, Any]:
-        try:
-            n = state.reload()
-        except FeedbackError as exc:
-            raise HTTPException(503, str(exc)) from None
-        return {"records": n, "counts": _counts(batch, state)}
-
-    return app
+    return _build_app(api)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,7 @@ NEXT_PARAMS = "next_params.yaml"
 PROPOSAL_LINE = "# genloop-proposal: "  # the machine-readable line of next_params.yaml's header
 DEFAULT_JOURNAL = Path(".genloop") / "optuna" / "study.log"
 ROLE, ITERATION, PROPOSAL = "genloop.role", "iteration", "proposal"
+_AcceptanceOf = Callable[[str], float | None]  # model version -> acceptance rate (None: no feedback)
 
 
 class TuneError(GenloopError):
@@ -273,7 +274,7 @@ def load_study(cfg: Params, storage: Any) -> optuna.Study:
 # --- one iteration --------------------------------------------------------------------------
 
 
-def _acceptance(cfg: Params, ws: Workspace) -> tuple[Any, str | None]:
+def _acceptance(cfg: Params, ws: Workspace) -> tuple[_AcceptanceOf, str | None]:
     """A function version -> acceptance rate (None: no decided feedback), and a problem if any."""
     from genloop.feedback.store import FeedbackError, FeedbackStore, acceptance_rate
 
@@ -392,18 +393,47 @@ def read_proposal(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def step(cfg: Params, ws: Workspace) -> dict[str, Any]:
-    """Record this iteration as a trial, ask for the next params, write reports/next_params.yaml.
+@dataclass(frozen=True)
+class _Iteration:
+    """This iteration as its reports say: the gate's metric, the registered version, the params trained with."""
 
-    Runs inside the optimize stage's MLflow run and logs there: params `proposal.*`, metric
-    `tune.objective`, the file as an artifact and tags naming the trials.
-    """
-    t = cfg.optimize.tune
-    out = ws.reports / NEXT_PARAMS
-    if not t.enabled:
-        write_next_params(out, cfg, None, ["genloop autotune: optimize.tune.enabled is false, so nothing is proposed;",
-                                           "these are this iteration's params unchanged."])
-        return {"enabled": False, "file": str(out)}
+    evaluation: dict[str, Any]
+    metric_name: str
+    metric: float
+    version: str
+    generator: str
+    used: dict[str, Any]
+    used_from: str
+    trained_cfg: Params
+    dims: list[Dim]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the study holds after this iteration: its trial, the objective so far, the next proposal."""
+
+    current: Any  # this iteration's trial (a FrozenTrial)
+    reference: float
+    acceptance: float | None
+    provisional: float
+    basis: str
+    waiting: bool
+    settled: list[dict[str, Any]]
+    why: str
+    proposed: Any  # the proposal's trial (a FrozenTrial)
+    proposal: dict[str, Any]
+    seed: int
+
+
+def _write_unchanged(cfg: Params, out: Path) -> dict[str, Any]:
+    """With autotune disabled: next_params.yaml holds this iteration's params, nothing proposed."""
+    write_next_params(out, cfg, None, ["genloop autotune: optimize.tune.enabled is false, so nothing is proposed;",
+                                       "these are this iteration's params unchanged."])
+    return {"enabled": False, "file": str(out)}
+
+
+def _read_iteration(cfg: Params, ws: Workspace) -> _Iteration:
+    """This iteration's metric, version, generator and params, from reports/eval.json and register.json."""
     if not (ws.report("eval").exists() and ws.report("register").exists()):
         raise TuneError("autotune needs reports/eval.json and reports/register.json: run `genloop evaluate` "
                         "and `genloop register` first (or set optimize.tune.enabled=false)")
@@ -414,104 +444,169 @@ def step(cfg: Params, ws: Workspace) -> dict[str, Any]:
     generator = str(evaluation["generator_sha256"])
     used, used_from = used_params(cfg, evaluation.get("train_run_id"))
     trained_cfg = with_params(cfg, used)
-    dims = space(trained_cfg)
-    acceptance_of, feedback_problem = _acceptance(cfg, ws)
-    weight = t.acceptance_weight
-    location = storage_location(cfg, ws)
-    settled: list[dict[str, Any]] = []
-    with open_storage(cfg, ws) as storage:
-        study = load_study(cfg, storage)
-        ref_key = f"reference.{metric_name}.{evaluation['extractor']['name']}"
-        reference = study.user_attrs.get(ref_key)
-        if reference is None:
-            reference = metric
-            study.set_user_attr(ref_key, reference)
-        # earlier iterations waiting for feedback: told now if it arrived, or when a new generator is here
-        from optuna.trial import TrialState
+    return _Iteration(evaluation, metric_name, metric, version, generator, used, used_from, trained_cfg,
+                      space(trained_cfg))
 
-        for old in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if old.user_attrs.get(ROLE) != ITERATION:
-                continue
-            old_version = str(old.user_attrs["model_version"])
-            acc = acceptance_of(old_version)
-            if acc is None and old.user_attrs.get("generator_sha256") == generator:
-                continue  # this very iteration (optimize rerun): keep waiting for its feedback
-            why_none = f"no feedback on version {old_version} before the next iteration"
-            value = _tell(study, old, float(old.user_attrs["metric"]), float(old.user_attrs["reference"]), acc,
-                          weight, _basis(acc, old_version, weight, why_none))
-            settled.append({"trial": old.number, "model_version": old_version, "acceptance": acc,
-                            "objective": round(value, 6)})
-        done = [tr for tr in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                if tr.user_attrs.get(ROLE) == ITERATION and tr.user_attrs.get("generator_sha256") == generator]
-        if done:  # optimize ran again for the same generator: the same trial, no second one
-            current = done[-1]
-        else:
-            current = _record(study, dims, used, {
-                "model_version": version, "generator_sha256": generator, "metric_name": metric_name,
-                "metric": metric, "reference": reference, "data_version": evaluation.get("data_version"),
-                "params_from": used_from})
-        acceptance = acceptance_of(version)
-        provisional = objective(metric, reference, acceptance, weight)
-        basis = _basis(acceptance, version, weight, f"no feedback on version {version} yet")
-        if current.state == TrialState.RUNNING and (acceptance is not None or weight == 0):
-            provisional = _tell(study, current, metric, reference, acceptance, weight, basis)
-            settled.append({"trial": current.number, "model_version": version, "acceptance": acceptance,
-                            "objective": round(provisional, 6)})
-        current = study.get_trials(deepcopy=False)[current.number]
-        waiting = current.state == TrialState.RUNNING
-        if not waiting:
-            provisional = float(current.value) if current.value is not None else provisional
-            basis = str(current.user_attrs.get("objective_basis", basis))
-        why = _why(study, cfg)
-        proposed = _propose(study, dims, after=current.number)
-        proposal = {k: _readable(proposed.params[k]) for k in sorted(proposed.params)}
-        seed = t.seed + proposed.number
-    changes = {k: (used.get(k), v) for k, v in proposal.items() if not _same(used.get(k), v)}
-    changed_text = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "nothing"
-    status = (f"objective {provisional:.4f} so far, {basis}; told when feedback on version {version} arrives "
-              "or at the next iteration" if waiting else f"objective {provisional:.4f}, {basis}")
-    header = [
+
+def _reference(study: optuna.Study, it: _Iteration) -> float:
+    """The first trial's metric for this metric and extractor (this one's, stored, when it is the first)."""
+    ref_key = f"reference.{it.metric_name}.{it.evaluation['extractor']['name']}"
+    reference = study.user_attrs.get(ref_key)
+    if reference is None:
+        reference = it.metric
+        study.set_user_attr(ref_key, reference)
+    return reference
+
+
+def _settled(trial: Any, version: str, acceptance: float | None, value: float) -> dict[str, Any]:
+    """The report entry of a trial told its objective in this step."""
+    return {"trial": trial.number, "model_version": version, "acceptance": acceptance, "objective": round(value, 6)}
+
+
+def _settle_waiting(study: optuna.Study, acceptance_of: _AcceptanceOf, generator: str,
+                    weight: float) -> list[dict[str, Any]]:
+    """Tell earlier iterations waiting for feedback: now if it arrived, or because a new generator is here."""
+    from optuna.trial import TrialState
+
+    settled: list[dict[str, Any]] = []
+    for old in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if old.user_attrs.get(ROLE) != ITERATION:
+            continue
+        old_version = str(old.user_attrs["model_version"])
+        acc = acceptance_of(old_version)
+        if acc is None and old.user_attrs.get("generator_sha256") == generator:
+            continue  # this very iteration (optimize rerun): keep waiting for its feedback
+        why_none = f"no feedback on version {old_version} before the next iteration"
+        value = _tell(study, old, float(old.user_attrs["metric"]), float(old.user_attrs["reference"]), acc,
+                      weight, _basis(acc, old_version, weight, why_none))
+        settled.append(_settled(old, old_version, acc, value))
+    return settled
+
+
+def _this_trial(study: optuna.Study, it: _Iteration, reference: float) -> Any:
+    """This iteration's trial: the one recorded already for the same generator, else a new one."""
+    from optuna.trial import TrialState
+
+    done = [tr for tr in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if tr.user_attrs.get(ROLE) == ITERATION and tr.user_attrs.get("generator_sha256") == it.generator]
+    if done:  # optimize ran again for the same generator: the same trial, no second one
+        return done[-1]
+    return _record(study, it.dims, it.used, {
+        "model_version": it.version, "generator_sha256": it.generator, "metric_name": it.metric_name,
+        "metric": it.metric, "reference": reference, "data_version": it.evaluation.get("data_version"),
+        "params_from": it.used_from})
+
+
+def _run_study(cfg: Params, study: optuna.Study, it: _Iteration, acceptance_of: _AcceptanceOf) -> _Outcome:
+    """Settle waiting trials, record and score this iteration's trial, ask for the next params."""
+    from optuna.trial import TrialState
+
+    weight = cfg.optimize.tune.acceptance_weight
+    reference = _reference(study, it)
+    settled = _settle_waiting(study, acceptance_of, it.generator, weight)
+    current = _this_trial(study, it, reference)
+    acceptance = acceptance_of(it.version)
+    provisional = objective(it.metric, reference, acceptance, weight)
+    basis = _basis(acceptance, it.version, weight, f"no feedback on version {it.version} yet")
+    if current.state == TrialState.RUNNING and (acceptance is not None or weight == 0):
+        provisional = _tell(study, current, it.metric, reference, acceptance, weight, basis)
+        settled.append(_settled(current, it.version, acceptance, provisional))
+    current = study.get_trials(deepcopy=False)[current.number]
+    waiting = current.state == TrialState.RUNNING
+    if not waiting:
+        provisional = float(current.value) if current.value is not None else provisional
+        basis = str(current.user_attrs.get("objective_basis", basis))
+    why = _why(study, cfg)
+    proposed = _propose(study, it.dims, after=current.number)
+    proposal = {k: _readable(proposed.params[k]) for k in sorted(proposed.params)}
+    return _Outcome(current, reference, acceptance, provisional, basis, waiting, settled, why, proposed, proposal,
+                    cfg.optimize.tune.seed + proposed.number)
+
+
+def _status(it: _Iteration, o: _Outcome) -> str:
+    """The objective so far and its basis, saying whether the trial still waits for feedback."""
+    if o.waiting:
+        return (f"objective {o.provisional:.4f} so far, {o.basis}; told when feedback on version {it.version} "
+                "arrives or at the next iteration")
+    return f"objective {o.provisional:.4f}, {o.basis}"
+
+
+def _header(cfg: Params, it: _Iteration, o: _Outcome, location: str, status: str, changed_text: str) -> list[str]:
+    """The comment header of next_params.yaml: who proposed it, why, and what it changes."""
+    t = cfg.optimize.tune
+    return [
         "genloop autotune: params for the next loop iteration (a complete params file).",
-        f"Proposed by trial {proposed.number} of Optuna study {t.study_name!r} at {location}",
-        f"(TPE sampler, seed {seed}). Why: {why}.",
-        f"This iteration is trial {current.number}: model version {version}, {metric_name} {metric:.4f} "
-        f"(first trial's {reference:.4f}); {status}.",
+        f"Proposed by trial {o.proposed.number} of Optuna study {t.study_name!r} at {location}",
+        f"(TPE sampler, seed {o.seed}). Why: {o.why}.",
+        f"This iteration is trial {o.current.number}: model version {it.version}, {it.metric_name} {it.metric:.4f} "
+        f"(first trial's {o.reference:.4f}); {status}.",
         f"Changed from this iteration's params: {changed_text}.",
         "Apply: `genloop loop` with loop.autotune: true, or `genloop loop --params reports/next_params.yaml`.",
         "",
     ]
-    write_next_params(out, trained_cfg, proposal, header)
-    summary = {
+
+
+def _summary(cfg: Params, it: _Iteration, o: _Outcome, location: str, changes: dict[str, tuple[Any, Any]],
+             feedback_problem: str | None, out: Path) -> dict[str, Any]:
+    """The step's result: the trial, its objective, the proposal and what it changes."""
+    return {
         "enabled": True,
-        "study": t.study_name,
+        "study": cfg.optimize.tune.study_name,
         "storage": location,
-        "trial": current.number,
-        "model_version": version,
-        "metric": metric_name,
-        "metric_value": metric,
-        "reference": reference,
-        "acceptance": acceptance,
-        "objective": round(provisional, 6),
-        "objective_basis": basis,
-        "awaiting_feedback": waiting,
-        "settled": settled,
+        "trial": o.current.number,
+        "model_version": it.version,
+        "metric": it.metric_name,
+        "metric_value": it.metric,
+        "reference": o.reference,
+        "acceptance": o.acceptance,
+        "objective": round(o.provisional, 6),
+        "objective_basis": o.basis,
+        "awaiting_feedback": o.waiting,
+        "settled": o.settled,
         "feedback_problem": feedback_problem,
-        "proposal_trial": proposed.number,
-        "proposal": proposal,
+        "proposal_trial": o.proposed.number,
+        "proposal": o.proposal,
         "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
-        "why": why,
+        "why": o.why,
         "file": str(out),
     }
-    tracking.log_params({f"proposal.{k}": v for k, v in proposal.items()})
-    tracking.log_metrics({"tune.objective": provisional}
-                         | ({"tune.acceptance": acceptance} if acceptance is not None else {}))
-    for s in settled:
+
+
+def _log_to_mlflow(cfg: Params, o: _Outcome, out: Path) -> None:
+    """Log the proposal, the objectives, the trials' tags and next_params.yaml to the current MLflow run."""
+    tracking.log_params({f"proposal.{k}": v for k, v in o.proposal.items()})
+    tracking.log_metrics({"tune.objective": o.provisional}
+                         | ({"tune.acceptance": o.acceptance} if o.acceptance is not None else {}))
+    for s in o.settled:
         tracking.log_metrics({"tune.trial_objective": s["objective"]}, step=s["trial"])
-    tracking.tag_run({"genloop.tune.study": t.study_name, "genloop.tune.trial": current.number,
-                      "genloop.tune.proposal_trial": proposed.number, "genloop.tune.objective_basis": basis[:4000],
-                      "genloop.tune.awaiting_feedback": waiting})
+    tracking.tag_run({"genloop.tune.study": cfg.optimize.tune.study_name, "genloop.tune.trial": o.current.number,
+                      "genloop.tune.proposal_trial": o.proposed.number,
+                      "genloop.tune.objective_basis": o.basis[:4000], "genloop.tune.awaiting_feedback": o.waiting})
     tracking.log_artifact(out, "autotune")
-    log.info("autotune: trial %d (%s); trial %d proposes %s", current.number, status, proposed.number, changed_text)
+
+
+def step(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Record this iteration as a trial, ask for the next params, write reports/next_params.yaml.
+
+    Runs inside the optimize stage's MLflow run and logs there: params `proposal.*`, metric
+    `tune.objective`, the file as an artifact and tags naming the trials.
+    """
+    out = ws.reports / NEXT_PARAMS
+    if not cfg.optimize.tune.enabled:
+        return _write_unchanged(cfg, out)
+    it = _read_iteration(cfg, ws)
+    acceptance_of, feedback_problem = _acceptance(cfg, ws)
+    location = storage_location(cfg, ws)
+    with open_storage(cfg, ws) as storage:
+        o = _run_study(cfg, load_study(cfg, storage), it, acceptance_of)
+    changes = {k: (it.used.get(k), v) for k, v in o.proposal.items() if not _same(it.used.get(k), v)}
+    changed_text = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "nothing"
+    status = _status(it, o)
+    write_next_params(out, it.trained_cfg, o.proposal, _header(cfg, it, o, location, status, changed_text))
+    summary = _summary(cfg, it, o, location, changes, feedback_problem, out)
+    _log_to_mlflow(cfg, o, out)
+    log.info("autotune: trial %d (%s); trial %d proposes %s", o.current.number, status, o.proposed.number,
+             changed_text)
     return summary
 
 
