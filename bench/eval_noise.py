@@ -110,10 +110,10 @@ def main() -> None:
     print(f"FID of one model over 5 sampling seeds: {', '.join(f'{f:.2f}' for f in sampling)} "
           f"(std {statistics.stdev(sampling):.2f})", flush=True)
 
-    g = cfg.register_.gate
+    g = cfg.registry.gate
     if len(evals) > 1:
         t0 = time.perf_counter()
-        comp = paired_bootstrap(cfg.register_.metric, ref.holdout, evals[1].features, evals[0].features,
+        comp = paired_bootstrap(cfg.registry.metric, ref.holdout, evals[1].features, evals[0].features,
                                 resamples=g.bootstrap, confidence=g.confidence, seed=g.seed)
         seconds = time.perf_counter() - t0
         out["gate_example"] = {"challenger_seed": models[1][0], "champion_seed": models[0][0],

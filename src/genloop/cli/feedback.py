@@ -90,7 +90,7 @@ def import_feedback(
         ws = Workspace.at(workspace)
         store = FeedbackStore.open(cfg.feedback.store, ws)
         result = import_file(file, ws, store, format_, reviewer,  # type: ignore[arg-type]
-                             default_model_name=cfg.register_.model_name)
+                             default_model_name=cfg.registry.model_name)
     except ImportRejected as exc:
         from rich.console import Console
 

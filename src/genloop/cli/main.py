@@ -253,7 +253,7 @@ def rollback_champion(
         ws = Workspace.at(workspace)
         tracking.configure(ws, cfg)
         with workspace_lock(ws, "genloop rollback"):
-            summary = aliases.rollback(cfg.register_.model_name, to=to, reason=reason, force=force)
+            summary = aliases.rollback(cfg.registry.model_name, to=to, reason=reason, force=force)
     except GenloopError as exc:
         fail(exc)
         return

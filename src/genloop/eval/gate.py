@@ -93,7 +93,7 @@ def decide(
     cfg: Params, challenger: GeneratorEval, comparison: Comparison | None
 ) -> tuple[bool, str]:
     """The gate's verdict and its reason, in words a person can act on."""
-    g = cfg.register_.gate
+    g = cfg.registry.gate
     share = challenger.memorisation.share
     if share > g.max_memorised_share:
         return False, (f"memorisation: {share:.1%} of samples are within {cfg.evaluate.memorisation_threshold} novelty "
@@ -140,18 +140,18 @@ def gate_report(
     how: str | None, comparison: Comparison | None, passed: bool, reason: str, extractor: Extractor, ref: Reference,
 ) -> dict[str, Any]:
     """What reports/gate.json, the version tags and the MLflow run record of the decision."""
-    g = cfg.register_.gate
+    g = cfg.registry.gate
     return {
         "passed": passed,
         "reason": reason,
-        "metric": cfg.register_.metric,
+        "metric": cfg.registry.metric,
         "lower_is_better": True,
         "challenger": {"generator_sha256": challenger.generator_sha256,
-                       "score": challenger.metrics[cfg.register_.metric],
+                       "score": challenger.metrics[cfg.registry.metric],
                        "memorised_share": round(challenger.memorisation.share, 6)},
         "champion": None if champion is None else {
             "version": champion_version, "generator_sha256": champion.generator_sha256,
-            "score": champion.metrics[cfg.register_.metric],
+            "score": champion.metrics[cfg.registry.metric],
             "memorised_share": round(champion.memorisation.share, 6), "evaluation": how},
         "comparison": None if comparison is None else asdict(comparison),
         "settings": {"extractor": extractor.kind, "extractor_fingerprint": extractor.fingerprint,

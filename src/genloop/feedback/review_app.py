@@ -282,7 +282,7 @@ class _ReviewApi:
         """GET /api/batch: the model, version, reviewer, store and counts of the batch."""
         batch, store = self.batch, self.store
         first = batch.images[0] if batch.images else None
-        return {"model_name": first.model_name if first else self.cfg.register_.model_name,
+        return {"model_name": first.model_name if first else self.cfg.registry.model_name,
                 "model_version": batch.version, "reviewer": self.reviewer, "page_size": DEFAULT_PAGE_SIZE,
                 "store": store.location if store.is_s3 else os.path.relpath(store.location, self.ws.root),
                 "counts": _counts(batch, self.state)}
@@ -381,7 +381,7 @@ def create_app(cfg: Params, ws: Workspace, token: str, reviewer: str, version: s
         raise ReviewError("the review token must not be empty")
     reviewer = check_reviewer(reviewer)
     version = str(version) if version is not None else latest_version(ws)
-    batch = CuratedBatch.load(ws, version, default_model_name=cfg.register_.model_name)
+    batch = CuratedBatch.load(ws, version, default_model_name=cfg.registry.model_name)
     store = store or FeedbackStore.open(cfg.feedback.store, ws)
     state = ReviewState(store)
     n_records = state.reload()

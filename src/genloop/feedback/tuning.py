@@ -438,7 +438,7 @@ def _read_iteration(cfg: Params, ws: Workspace) -> _Iteration:
         raise TuneError("autotune needs reports/eval.json and reports/register.json: run `genloop evaluate` "
                         "and `genloop register` first (or set optimize.tune.enabled=false)")
     evaluation, registered = read_json(ws.report("eval")), read_json(ws.report("register"))
-    metric_name = cfg.register_.metric
+    metric_name = cfg.registry.metric
     metric = float(evaluation[metric_name])
     version = str(registered["version"])
     generator = str(evaluation["generator_sha256"])

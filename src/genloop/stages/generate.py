@@ -31,7 +31,7 @@ GENERATED_COLUMNS = ["file", "seed", "index", "label", "model_name", "model_vers
 def load_champion(cfg: Params, ws: Workspace) -> tuple[Any, str]:
     """The champion (run by genloop's own code, never the model's stored code) and its version number."""
     tracking.configure(ws, cfg)
-    name = cfg.register_.model_name
+    name = cfg.registry.model_name
     with tracking.server_errors(ws, f"loading the champion of model {name!r}"):
         champion = tracking.get_alias_version(name, "champion")
         if champion is None:
@@ -57,10 +57,10 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         with Progress("generate", g.n, "images") as bar:
             _generate(cfg, model, classes, version, tmp, bar, rows)
         uploaded = upload_dir(tmp, sink) if sink else []
-        summary = {"model_name": cfg.register_.model_name, "model_version": version, "n": len(rows),
+        summary = {"model_name": cfg.registry.model_name, "model_version": version, "n": len(rows),
                    "folder": str(target), "seed": g.seed, "sink": sink, "sink_objects": len(uploaded)}
         out.write_json(ws.report("generate"), summary)
-    log.info("generate: %d images from %s v%s in %s", len(rows), cfg.register_.model_name, version, target)
+    log.info("generate: %d images from %s v%s in %s", len(rows), cfg.registry.model_name, version, target)
     return summary
 
 
@@ -84,7 +84,7 @@ def _generate(cfg: Params, model: Any, classes: list[str], version: str, tmp: Pa
             Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(tmp / name)
             label = str(g.label) if g.label is not None else (classes[i % len(classes)] if classes else None)
             rows.append({"file": name, "seed": seed, "index": i, "label": label,
-                         "model_name": cfg.register_.model_name, "model_version": version})
+                         "model_name": cfg.registry.model_name, "model_version": version})
         if len(grid_images) < 80:
             grid_images.extend(images[: 80 - len(grid_images)])
         bar.advance(count)

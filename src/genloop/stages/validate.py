@@ -70,7 +70,7 @@ def build_expectations(cfg: Params, labelled: bool) -> list[Any]:
     """The expectations of the manifest suite, from params."""
     import great_expectations.expectations as gxe
 
-    v = cfg.validate_
+    v = cfg.data_gate
     exps: list[Any] = [
         gxe.ExpectTableRowCountToBeBetween(min_value=v.min_rows, max_value=v.max_rows),
     ]
