@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -100,23 +99,89 @@ def install_redaction() -> None:
     logging.setLogRecordFactory(_redacting_factory)
 
 
+# Libraries whose DEBUG lines are for their own developers: INFO with --verbose, else WARNING.
+# (Prefect sets its loggers' levels itself; ConsoleFilter decides which of its lines show.)
+THIRD_PARTY_LOGGERS = ("mlflow", "alembic", "great_expectations", "urllib3", "botocore", "matplotlib", "httpx",
+                       "filelock", "PIL", "numexpr", "optuna", "dvc", "fsspec", "asyncio")
+# Prefect's run loggers: their records carry the flow/task run's name; their state lines stay visible
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+_TEMPORARY_SERVER = "Starting temporary server"
+_FINISHED = re.compile(r"^Finished in state (?P<state>\w+)\((?P<detail>.*)\)$", re.DOTALL)
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class ConsoleFilter(logging.Filter):
+    """What reaches the console. At default verbosity: genloop's own lines, the lines of
+    Prefect's flow and task runs (their states), and every WARNING or worse; other libraries'
+    INFO lines (MLflow creating its tables, Optuna creating a study, Prefect's server) only with
+    --verbose. Prefect's API handler, which feeds its UI, still gets everything."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose or record.levelno >= logging.WARNING:
+            return True
+        if _within(record.name, ("genloop", *RUN_LOGGERS)):
+            return True
+        # the line that explains the wait while Prefect's temporary API server starts
+        return record.name == "prefect" and str(record.msg).startswith(_TEMPORARY_SERVER)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Names the Prefect flow or task run a run logger's line is about: Prefect's own console
+    format does, genloop's plain one would not ("Finished in state Completed()" of what?)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.name == "prefect" and text.startswith(_TEMPORARY_SERVER):
+            return text.splitlines()[0]  # not the link to Prefect's docs that follows
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        if not run or not _within(record.name, RUN_LOGGERS):
+            return text
+        finished = _FINISHED.match(text)
+        if finished:
+            state, detail = finished["state"], finished["detail"]
+            # Failed('...') says why; Completed() and Cached(type=COMPLETED) say nothing more
+            return f"{run} finished: {state}" + (f" {detail}" if detail and not detail.startswith("type=") else "")
+        return text if f"'{run}'" in text else f"{run}: {text}"
+
+
+def quiet_warnings() -> None:
+    """Warning filters for third-party warnings that nothing in genloop (or its user) can act on.
+
+    Each filter names one message and the module that warns: a warning from genloop's own
+    code, or a new one from a library, still shows."""
+    # (none needed at present: genloop's own runs raise no third-party warning a user cannot fix)
+
+
 def setup(verbose: bool = False) -> None:
-    """Rich log lines on stderr; quiet third-party loggers; offline-friendly defaults."""
+    """Rich log lines on stderr: genloop's own and Prefect's run states, other libraries' INFO
+    chatter only with `verbose`; offline-friendly defaults."""
     from rich.console import Console
     from rich.logging import RichHandler
 
     for k, v in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    # MLflow sets its logger's level from this when it is imported (after this, mostly)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     install_redaction()
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[handler], force=True)
-    for noisy in ("mlflow", "alembic", "great_expectations", "urllib3", "botocore", "matplotlib",
-                  "httpx", "prefect", "filelock", "PIL", "numexpr"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # the time of day only: the date would take 9 of the console's columns on every line
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+                          log_time_format="[%X]")
+    handler.setFormatter(ConsoleFormatter())
+    handler.addFilter(ConsoleFilter(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_warnings()
 
 
 class _UserErrorWithoutTraceback(logging.Filter):

@@ -5,6 +5,10 @@ the weights are a state dict read with `torch.load(weights_only=True)`.
 
 Input: a DataFrame with columns `n` (images) and `seed`, and optionally `label`; one
 row per request. Output: uint8 images, N x H x W x C, the rows' images concatenated.
+
+`predict`'s input is typed `pd.DataFrame`: MLflow then neither warns that the type hints are
+missing nor tries to infer a schema from them (the logged signature, built from the model's
+spec, is the schema). Any other hint (`Any`, `list[...]`) makes MLflow warn or validate.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
@@ -23,10 +28,8 @@ class GeneratorModel(PythonModel):
         self.generator, self.spec = load_generator(context.artifacts["weights"])
 
     def predict(
-        self, context: PythonModelContext | None, model_input: Any, params: dict[str, Any] | None = None
+        self, context: PythonModelContext | None, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        import pandas as pd
-
         from genloop.models import sample
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -7,18 +7,23 @@ artifacts in `<workspace>/mlartifacts` (MLflow 3 refuses a plain ./mlruns file s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from genloop.core.config import Params
 from genloop.core.errors import GenloopError, Unreachable
 from genloop.core.logs import redact, redact_obj
 from genloop.core.provenance import data_version, git_commit
+from genloop.core.storage import sha256_file
 from genloop.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -52,11 +57,40 @@ def ui_command(ws: Workspace) -> str:
     return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {ws.mlflow_artifacts.as_uri()}"
 
 
+def served(ws: Workspace) -> bool:
+    """Whether runs go to a tracking server (whose UI is up whenever it is), not a local store."""
+    return tracking_uri(ws).startswith(("http://", "https://"))
+
+
+def _ui_base(ws: Workspace) -> str:
+    """The MLflow UI's address: the tracking server's, or `mlflow ui`'s default for a local store."""
+    uri = redact(tracking_uri(ws))  # printed and published: never the credentials of a URI
+    return uri.rstrip("/") if served(ws) else "http://127.0.0.1:5000"
+
+
 def run_link(ws: Workspace, run: Any) -> str:
     """A URL of the run's page in the MLflow UI (the tracking server's, or `mlflow ui`'s default)."""
-    uri = redact(tracking_uri(ws))
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"{_ui_base(ws)}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def artifact_link(ws: Workspace, run_id: str, path: str) -> str:
+    """A URL that serves one artifact file of a run (the MLflow UI's own `get-artifact` route)."""
+    return f"{_ui_base(ws)}/get-artifact?path={quote(path, safe='')}&run_uuid={run_id}"
+
+
+# The MLflow 3 UI opens an experiment on the page for its kind: the GenAI traces overview, or the
+# training runs of a model-development one. Without the tag it guesses (`..._inferred`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _mark_model_training(exp: Any) -> None:
+    """Tag the experiment as model training, unless someone chose a kind for it already."""
+    from mlflow.tracking import MlflowClient
+
+    kind = exp.tags.get(EXPERIMENT_KIND_TAG)
+    if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+        MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def configure(ws: Workspace, cfg: Params) -> str:
@@ -79,9 +113,11 @@ def configure(ws: Workspace, cfg: Params) -> str:
         exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             location = ws.mlflow_artifacts.as_uri() if uri.startswith("sqlite:") else None
-            exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+            exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             exp_id = exp.experiment_id
+            _mark_model_training(exp)
     except Exception as exc:  # MlflowException, requests errors: all mean "tracking unusable"
         raise Unreachable(
             f"MLflow tracking at {redact(uri)} is not reachable ({exc.__class__.__name__}: {redact(str(exc))}). "
@@ -152,9 +188,83 @@ def safe_values(values: dict[str, Any]) -> dict[str, str]:
     return {k: redact(str(v)) for k, v in values.items()}
 
 
+# The stages that read data/clean, and what for (MLflow's dataset "context"): their runs record
+# the dataset as an input, which fills the Dataset column of the MLflow UI's run table.
+DATASET_CONTEXTS = {"train": "training", "evaluate": "evaluation"}
+
+
+def _local_source(path: Path) -> Any:
+    """MLflow's dataset source for a local folder (the class MLflow registers for file paths)."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    local = next(s for s in reversed(get_registered_sources()) if s._get_source_type() == "local")
+    return local(uri=str(path))
+
+
+def dataset_name(version: str) -> str:
+    """`clean@<data version>`: data/clean as collected at that data.dvc md5 (12 hex digits)."""
+    short = re.sub(r"\.dir$", "", version)[:12]
+    return f"clean@{short}"
+
+
+def _manifest_schema(path: Path) -> Any:
+    """The clean manifest's columns as an MLflow schema, read from the parquet file's own schema
+    (inferring it from the rows would warn that integer columns cannot hold missing values)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.types import ColSpec, DataType, Schema
+
+    def kind(t: pa.DataType) -> DataType:
+        if pa.types.is_integer(t):
+            return DataType.long
+        if pa.types.is_floating(t):
+            return DataType.double
+        return DataType.boolean if pa.types.is_boolean(t) else DataType.string
+
+    return Schema([ColSpec(kind(f.type), f.name, required=not f.nullable) for f in pq.read_schema(path)])
+
+
+def clean_dataset(ws: Workspace, cfg: Params) -> tuple[Any, dict[str, str]] | None:
+    """data/clean as an MLflow dataset, and the input tags that go with it; None before `clean`.
+
+    A dataset of metadata (MLflow keeps no copy of the images): its source is the data/clean
+    folder, its name the data version (data.dvc's md5), its digest the clean manifest's sha256
+    (the first 16 hex digits: MLflow keeps at most 36; the whole one is tag
+    `genloop.manifest_sha256`), its schema the manifest's columns (file, sha256, label, split...)."""
+    import pyarrow.parquet as pq
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if not ws.manifest.exists():
+        return None
+    version = data_version(ws)
+    digest = sha256_file(ws.manifest)
+    dataset = MetaDataset(_local_source(ws.clean), name=dataset_name(version), digest=digest[:16],
+                          schema=_manifest_schema(ws.manifest))
+    tags = {
+        "genloop.data_version": version,
+        "genloop.manifest_sha256": digest,
+        "genloop.images": str(pq.ParquetFile(ws.manifest).metadata.num_rows),
+        "genloop.sources": ", ".join(s.uri for s in cfg.collect.sources)[:500],
+    }
+    return dataset, safe_values(tags)
+
+
+def log_dataset(ws: Workspace, cfg: Params, context: str) -> None:
+    """Record data/clean as an input of the active run (`context`: training, evaluation)."""
+    import mlflow
+
+    found = clean_dataset(ws, cfg)
+    if found is None:
+        log.debug("no %s: no dataset recorded on the run", ws.manifest)
+        return
+    dataset, tags = found
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
 @contextmanager
 def stage_run(ws: Workspace, cfg: Params, stage: str, log_params: bool = False) -> Iterator[Any]:
     """An MLflow run for one stage, nested under the loop's parent run when there is one.
+    The stages that read data/clean record it as the run's input dataset.
 
     A tracking server that stops answering during the stage is an Unreachable error naming it."""
     import mlflow
@@ -166,7 +276,20 @@ def stage_run(ws: Workspace, cfg: Params, stage: str, log_params: bool = False) 
         mlflow.set_tags(safe_values(provenance_tags(ws, cfg, stage)))
         if log_params:
             mlflow.log_params(safe_values(cfg.flat()))
+        if stage in DATASET_CONTEXTS:
+            log_dataset(ws, cfg, DATASET_CONTEXTS[stage])
         yield run
+
+
+def child_runs(parent_run_id: str) -> list[Any]:
+    """The stage runs nested under a loop's parent run, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    where = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    return list(client.search_runs([parent.info.experiment_id], where, order_by=["attributes.start_time ASC"],
+                                   max_results=1000))
 
 
 def iteration_tags(ws: Workspace, run: Any, name: str = "loop") -> dict[str, str]:
@@ -340,7 +463,15 @@ def create_version(name: str, model_uri: str, tags: dict[str, Any]) -> str:
     import mlflow
 
     values = {k: str(v) for k, v in tags.items() if v is not None}
-    return str(mlflow.register_model(model_uri, name, tags=values).version)
+    # register_model prints "Successfully registered model ..." and "Created version ..." on
+    # stderr: genloop logs the version it made; their words are kept for --verbose
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return str(mlflow.register_model(model_uri, name, tags=values).version)
+    finally:
+        for line in said.getvalue().splitlines():
+            log.debug("mlflow: %s", line)
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:

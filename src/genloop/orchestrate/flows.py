@@ -1,24 +1,37 @@
 """Prefect flows: the same stage functions, wired into `genloop-loop` and `genloop-collect`.
 
-Tasks are stage-sized; retries are declared on the decorators where I/O can fail (S3
-sources, the MLflow server). The loop runs under one MLflow parent run, and publishes a
-markdown summary and a metrics table as Prefect artifacts.
+Tasks are stage-sized and their runs are named after the stage (`train`); flow runs are named
+`loop-<data version>-<time>` (`collect-...`). Retries are declared on the decorators where I/O
+can fail (S3 sources, the MLflow server). The loop runs under one MLflow parent run and
+publishes Prefect artifacts: a link to each stage's MLflow run (on the stage's task run), the
+evaluated samples, a markdown summary with every MLflow run and a metrics table; long stages
+show a live progress artifact (genloop.core.progress).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from genloop.core import logs
 from genloop.core.config import load_params
 from genloop.core.errors import Unreachable
 from genloop.core.lock import workspace_lock
+from genloop.core.provenance import data_version
+from genloop.core.storage import read_json
 from genloop.core.workspace import Workspace
 from genloop.feedback import tuning
 from genloop.mlops import tracking
@@ -61,6 +74,45 @@ class StageCache(CachePolicy):
         return cache_policy.stage_key(task_ctx.task.name, cfg, Workspace.at(inputs["workspace"]))
 
 
+def _run_name(kind: str) -> str:
+    """`<kind>-<data version>-<local time>`: the data version (data.dvc's md5, 8 hex digits, or
+    `untracked`) as the flow run starts, before this run's collect."""
+    from prefect.runtime import flow_run
+
+    workspace = (flow_run.parameters or {}).get("workspace", ".")
+    version = data_version(Workspace.at(workspace))
+    short = version if version == "untracked" else version.removesuffix(".dir")[:8]
+    return f"{kind}-{short}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _loop_run_name() -> str:
+    return _run_name("loop")
+
+
+def _collect_run_name() -> str:
+    return _run_name("collect")
+
+
+def _link_stage_runs(name: str, ws: Workspace) -> None:
+    """A link artifact, on this stage's task run, to each MLflow run the stage made under the
+    loop's parent run (none outside `loop`, or when the stage made none)."""
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    if not parent:
+        return
+    try:
+        for run in tracking.child_runs(parent):
+            if run.data.tags.get("genloop.stage") == name:
+                create_link_artifact(
+                    key=f"mlflow-{name}-run",
+                    link=tracking.run_link(ws, run),
+                    link_text=f"MLflow run of {name} ({run.info.run_id[:8]})",
+                    description=f"The {name} stage's MLflow run: params, metrics, artifacts",
+                )
+    except Exception as exc:  # a convenience: the stage itself is done
+        log.warning("%s: no link to its MLflow run in Prefect (%s: %s)", name, exc.__class__.__name__,
+                    logs.redact(str(exc))[:300])
+
+
 def _stage_task(name: str) -> Any:
     def body(params_file: str, overrides: list[str], workspace: str) -> dict[str, Any]:
         cfg = load_params(params_file, overrides)
@@ -69,13 +121,14 @@ def _stage_task(name: str) -> Any:
         result = BY_NAME[name].run(cfg, ws)
         if key is not None:
             cache_policy.write_stamp(name, key, ws)
+        _link_stage_runs(name, ws)
         return result
 
     body.__name__ = name
     options: dict[str, Any] = {"cache_policy": NO_CACHE}
     if name in CACHEABLE:
         options = {"cache_policy": StageCache(), "persist_result": True, "result_serializer": "json"}
-    return task(name=name, **options, **RETRIES.get(name, {}))(body)
+    return task(name=name, task_run_name=name, **options, **RETRIES.get(name, {}))(body)
 
 
 TASKS = {name: _stage_task(name) for name in ORDER}
@@ -105,6 +158,42 @@ def run_stage(name: str, params_file: str, overrides: list[str], workspace: str)
     return result, cached
 
 
+MAX_EMBEDDED_IMAGE = 400_000  # bytes of PNG embedded in a markdown artifact; larger ones are only linked
+
+
+def _publish_samples(ws: Workspace) -> None:
+    """The evaluated generator's sample grid (reports/eval_samples.png, also the evaluate run's
+    `eval/samples.png`) as Prefect artifacts: markdown that embeds the PNG (a data: URI, so it
+    shows with no server) and links it in MLflow; with a tracking server, also an image artifact
+    of its URL (Prefect's image artifacts take a URL, which a local store does not serve)."""
+    grid = ws.reports / "eval_samples.png"
+    if not grid.exists():
+        return
+    run_id = read_json(ws.report("eval")).get("run_id") if ws.report("eval").exists() else None
+    url = tracking.artifact_link(ws, run_id, "eval/samples.png") if run_id else None
+    data = grid.read_bytes()
+    lines = ["# Samples of this iteration's generator", ""]
+    if len(data) <= MAX_EMBEDDED_IMAGE:
+        lines.append(f"![samples](data:image/png;base64,{base64.b64encode(data).decode()})")
+    if url:
+        lines += ["", f"In MLflow: [eval/samples.png]({url}) of the evaluate run `{run_id}`"
+                  + ("" if tracking.served(ws) else f" (served by `{tracking.ui_command(ws)}`)")]
+    lines += ["", f"On disk: `{grid}`"]
+    create_markdown_artifact(key="genloop-samples", markdown="\n".join(lines),
+                             description="Samples of the generator this iteration evaluated")
+    if url and tracking.served(ws):
+        create_image_artifact(image_url=url, key="genloop-samples-image",
+                              description="Samples of the generator this iteration evaluated (MLflow)")
+
+
+def _runs_table(ws: Workspace, parent: Any) -> str:
+    """A markdown table of the parent run and each stage run under it, with links."""
+    rows = [f"| loop | [{parent.info.run_id}]({tracking.run_link(ws, parent)}) |"]
+    rows += [f"| {run.data.tags.get('genloop.stage', run.info.run_name)} | "
+             f"[{run.info.run_id}]({tracking.run_link(ws, run)}) |" for run in tracking.child_runs(parent.info.run_id)]
+    return "| MLflow run | |\n|---|---|\n" + "\n".join(rows)
+
+
 def _where(ws: Workspace, results: dict[str, dict[str, Any]], skipped: list[str]) -> str:
     reg, gen, opt = results["register"], results["generate"], results["optimize"]
     alias = "champion" if reg["promoted"] else "challenger"
@@ -121,7 +210,7 @@ def _where(ws: Workspace, results: dict[str, dict[str, Any]], skipped: list[str]
     ])
 
 
-@flow(name="genloop-loop", log_prints=False)
+@flow(name="genloop-loop", flow_run_name=_loop_run_name, log_prints=False)
 def loop_flow(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
@@ -160,6 +249,7 @@ def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool)
         run_id = parent.info.run_id
         iteration = tracking.run_tags(run_id).get("genloop.iteration")
         run_link = tracking.run_link(ws, parent)
+        runs_table = _runs_table(ws, parent)
     where = _where(ws, results, skipped) + (f"\n  autotune:   {applied.describe()}" if applied else "")
     where += f"\n  iteration:  {iteration} (MLflow parent run {run_id})"
     reg, ev = results["register"], results["evaluate"]
@@ -175,9 +265,10 @@ def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool)
         f"KID {ev['kid_mean']:.5f} ± {ev['kid_std']:.5f}, precision {ev['precision']:.3f}, "
         f"recall {ev['recall']:.3f}, memorised {ev['memorised_share']:.1%} ({ev['extractor']} features)\n"
         f"- gate: see `reports/gate.json`; roll back with `genloop rollback --reason ...`\n\n"
-        f"| stage | this run |\n|---|---|\n{stage_rows}\n\n```\n{where}\n```\n",
+        f"| stage | this run |\n|---|---|\n{stage_rows}\n\n{runs_table}\n\n```\n{where}\n```\n",
         description="What this loop iteration did and where its results are",
     )
+    _publish_samples(ws)
     create_table_artifact(
         key="genloop-loop-metrics",
         table=[{"metric": k, "value": ev[k]} for k in ("fid", "kid_mean", "kid_std", "inception_score", "precision",
@@ -190,7 +281,7 @@ def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool)
                          "changes": {k: list(v) for k, v in applied.changes.items()}} if applied else None}
 
 
-@flow(name="genloop-collect")
+@flow(name="genloop-collect", flow_run_name=_collect_run_name)
 def collect_flow(params_file: str = "params.yaml", overrides: list[str] | None = None,
                  workspace: str = ".") -> dict[str, Any]:
     """Ingestion only: collect the configured sources, bump data.dvc (and push it to the DVC remote)."""

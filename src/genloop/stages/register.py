@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
+import tempfile
+from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,41 @@ def _signature(spec: GeneratorSpec) -> Any:
                     + ([ColSpec("string", "label", required=False)] if spec.classes else []))
     outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, spec.resolution, spec.resolution, spec.channels))])
     return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+# What the pyfunc (genloop.mlops.pyfunc and the genloop.models code it runs) imports, by
+# distribution name. genloop itself is not on PyPI: the model carries its source (code_paths).
+PYFUNC_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    """The pyfunc's requirements, pinned to the versions installed here and installable from
+    PyPI: public versions only (torch `2.13.0+cpu` is pinned as `2.13.0`, which pip matches to
+    a CPU or CUDA build of it), no local paths or editable installs."""
+    return [f"{dist}=={dist_version(dist).split('+')[0]}" for dist in PYFUNC_DISTRIBUTIONS]
+
+
+def log_generator(ws: Workspace, spec: GeneratorSpec) -> Any:
+    """Log models/generator.pt as the pyfunc model `generator` of the active run; returns its info.
+
+    The genloop package goes with it (`code/genloop`, without byte code): `mlflow models serve`
+    and `mlflow.pyfunc.load_model` in an environment built from `pip_requirements()` find it there.
+    """
+    import mlflow
+
+    package = PYFUNC_CODE.parents[1]  # src/genloop
+    with tempfile.TemporaryDirectory(prefix="genloop-code-") as tmp:
+        code = Path(tmp) / "genloop"
+        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name="generator",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"weights": str(ws.generator), "spec": str(ws.generator.with_suffix(".json"))},
+            code_paths=[str(code)],
+            signature=_signature(spec),
+            input_example=pd.DataFrame({"n": [2], "seed": [0]}),
+            pip_requirements=pip_requirements(),
+        )
 
 
 def _already_registered(ws: Workspace, name: str, version: str, metric: str, score: float,
@@ -156,8 +194,6 @@ def _resume(ws: Workspace, name: str, pending: list[Any], metric: str, score: fl
 
 def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: GeneratorSpec, name: str,
               metric: str, score: float) -> dict[str, Any]:
-    import mlflow
-
     versions = tracking.find_versions(name, WEIGHTS_TAG, evaluation["generator_sha256"])
     done = [v for v in versions if v.tags.get(REGISTRATION_TAG, "complete") == "complete"]
     pending = [v for v in versions if v.tags.get(REGISTRATION_TAG) == "pending"]
@@ -170,14 +206,7 @@ def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: Gene
     gate, comparison_grid = _run_gate(cfg, ws, name)
     promote = gate["passed"]
     with tracking.stage_run(ws, cfg, "register") as run:
-        info = mlflow.pyfunc.log_model(
-            name="generator",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"weights": str(ws.generator), "spec": str(ws.generator.with_suffix(".json"))},
-            signature=_signature(spec),
-            input_example=pd.DataFrame({"n": [2], "seed": [0]}),
-            pip_requirements=[f"genloop=={__import__('genloop').__version__}", "torch", "numpy", "pandas"],
-        )  # the files first: a version is only ever created from uploaded files
+        info = log_generator(ws, spec)  # the files first: a version is only ever created from uploaded files
         comparison = gate["comparison"] or {}
         tags = {
             "genloop.data_version": data_version(ws),
