@@ -26,9 +26,9 @@ from genloop.core.grids import make_grid
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, read_json, sha256_file, write_json_atomic
 from genloop.core.workspace import Workspace
-from genloop.eval.extractors import get_extractor
+from genloop.eval.extractors import Extractor, get_extractor
 from genloop.eval.generator_eval import GeneratorEval, evaluate_generator
-from genloop.eval.reference import load_reference
+from genloop.eval.reference import Reference, load_reference
 from genloop.mlops import tracking
 from genloop.models import load_generator, sample
 
@@ -77,27 +77,22 @@ def closest_pairs_grid(result: GeneratorEval, train_images: torch.Tensor, pairs:
     return make_grid(tiles.permute(0, 2, 3, 1).numpy(), columns=2, scale=3)
 
 
-def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
-    """Evaluate models/generator.pt against the holdout split; write reports/eval.json."""
-    e = cfg.evaluate
-    generator, spec = load_generator(ws.generator)
-    extractor = get_extractor(cfg, ws)
-    ref, train_set = load_reference(cfg, ws, extractor)
-    generator_sha = sha256_file(ws.generator)
-    started = time.perf_counter()
-    result = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), generator_sha,
-                                extractor, ref)
-    seconds = time.perf_counter() - started
+def _memorisation_summary(cfg: Params, result: GeneratorEval, ref: Reference) -> dict[str, Any]:
     mem = result.memorisation
-    memorisation = {
+    return {
         "novelty_unit": round(ref.novelty_unit, 6),
-        "threshold": e.memorisation_threshold,
+        "threshold": cfg.evaluate.memorisation_threshold,
         "share_below_threshold": round(mem.share, 6),
         "n_memorised": int(mem.memorised.sum()),
         "median_novelty": round(float(mem.novelty.median()), 6),
         "per_sample": "reports/memorisation.csv",
     }
-    report: dict[str, Any] = {
+
+
+def _report(cfg: Params, ws: Workspace, result: GeneratorEval, ref: Reference, extractor: Extractor,
+            generator_sha: str, seconds: float) -> dict[str, Any]:
+    """reports/eval.json: the metrics, their real floor, the extractor and reference, memorisation."""
+    return {
         "data_version": data_version(ws),
         "generator_sha256": generator_sha,
         "train_run_id": read_json(ws.report("train")).get("run_id") if ws.report("train").exists() else None,
@@ -105,43 +100,63 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "reference": ref.describe(),
         "n_real": len(ref.holdout),
         "n_fake": len(result.features),
-        "seed": e.seed,
+        "seed": cfg.evaluate.seed,
         **_rounded(result.metrics),
         "fid_real_floor": round(ref.floor["fid"], 6),
         "kid_real_floor": round(ref.floor["kid_mean"], 6),
-        "memorisation": memorisation,
+        "memorisation": _memorisation_summary(cfg, result, ref),
         "seconds": round(seconds, 3),
     }
-    table = _memorisation_table(result, ref.train_ids)
-    with atomic_path(ws.reports / "memorisation.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    history = _append_history(ws, {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data_version": report["data_version"],
-        "generator": generator_sha[:12], "extractor": f"{extractor.kind}:{extractor.fingerprint}",
-        **{k: (mem.share if k == "memorised_share" else result.metrics.get(k)) for k in HISTORY_METRICS},
-    })
-    sample_grid = make_grid(result.images[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None, scale=2)
-    pair_grid = closest_pairs_grid(result, train_set.images)
+
+
+def _log_run(ws: Workspace, cfg: Params, report: dict[str, Any], result: GeneratorEval, ref: Reference,
+             extractor: Extractor, history: pd.DataFrame, grids: dict[str, Any]) -> str:
+    """The evaluate run in MLflow: metrics, the curves across iterations, tags, grids; its run id."""
     with tracking.stage_run(ws, cfg, "evaluate") as run:
         tracking.log_metrics({k: v for k, v in result.metrics.items() if v is not None} | {
-            "fid_real_floor": ref.floor["fid"], "memorised_share": mem.share, "eval_seconds": seconds})
+            "fid_real_floor": ref.floor["fid"], "memorised_share": result.memorisation.share,
+            "eval_seconds": report["seconds"]})
         for _, row in history.iterrows():  # the curves across loop iterations, in one run
             tracking.log_metrics({f"history_{k}": row[k] for k in HISTORY_METRICS if pd.notna(row[k])},
                                  step=int(row["iteration"]))
         tracking.tag_run({"genloop.extractor": extractor.kind, "genloop.extractor_fingerprint": extractor.fingerprint,
                           "genloop.reference_key": ref.key})
-        tracking.log_image(sample_grid, "eval/samples.png")
-        tracking.log_image(pair_grid, "eval/closest_to_training.png")
+        for name, grid in grids.items():
+            tracking.log_image(grid, f"eval/{name}.png")
         tracking.log_artifact(ws.reports / "memorisation.csv", "eval")
         tracking.log_json(report, "eval/eval.json")
-        report["run_id"] = run.info.run_id
+        return run.info.run_id
+
+
+def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """Evaluate models/generator.pt against the holdout split; write reports/eval.json."""
+    generator, spec = load_generator(ws.generator)
+    extractor = get_extractor(cfg, ws)
+    ref, train_set = load_reference(cfg, ws, extractor)
+    generator_sha = sha256_file(ws.generator)
+    started = time.perf_counter()
+    result = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), generator_sha,
+                                extractor, ref)
+    report = _report(cfg, ws, result, ref, extractor, generator_sha, time.perf_counter() - started)
+    mem = result.memorisation
+    with atomic_path(ws.reports / "memorisation.csv") as tmp:
+        _memorisation_table(result, ref.train_ids).to_csv(tmp, index=False)
+    history = _append_history(ws, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data_version": report["data_version"],
+        "generator": generator_sha[:12], "extractor": f"{extractor.kind}:{extractor.fingerprint}",
+        **{k: (mem.share if k == "memorised_share" else result.metrics.get(k)) for k in HISTORY_METRICS},
+    })
+    grids = {"samples": make_grid(result.images[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None,
+                                  scale=2),
+             "closest_to_training": closest_pairs_grid(result, train_set.images)}
+    report["run_id"] = _log_run(ws, cfg, report, result, ref, extractor, history, grids)
     with atomic_path(ws.reports / "eval_samples.png") as tmp:
-        sample_grid.save(tmp, format="PNG")
+        grids["samples"].save(tmp, format="PNG")
     write_json_atomic(ws.report("eval"), report)
     log.info("evaluate: FID %.3f (floor %.3f), KID %.4f±%.4f, precision %.3f, recall %.3f, memorised %.1f%% with %s",
              result.metrics["fid"], ref.floor["fid"], result.metrics["kid_mean"], result.metrics["kid_std"],
              result.metrics["precision"], result.metrics["recall"], 100 * mem.share, extractor.kind)
     keys = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "fid_real_floor", "n_real",
             "n_fake")
-    return {k: report[k] for k in keys} | {"memorised_share": memorisation["share_below_threshold"],
+    return {k: report[k] for k in keys} | {"memorised_share": report["memorisation"]["share_below_threshold"],
                                           "extractor": extractor.kind}
