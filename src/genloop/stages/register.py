@@ -132,9 +132,9 @@ def _run_gate(cfg: Params, ws: Workspace, name: str) -> tuple[dict[str, Any], An
     champion = how = comparison = grid = None
     if champion_version is not None:
         champion, how = gate_mod.evaluate_champion(cfg, ws, name, champion_version, extractor, ref)
-        g = cfg.register_.gate
+        g = cfg.registry.gate
         comparison = gate_mod.paired_bootstrap(
-            cfg.register_.metric, ref.holdout, challenger.features, champion.features, resamples=g.bootstrap,
+            cfg.registry.metric, ref.holdout, challenger.features, champion.features, resamples=g.bootstrap,
             confidence=g.confidence, seed=g.seed, kid_subset=cfg.evaluate.kid_subset_size)
         grid = side_by_side(champion.images[:40], challenger.images[:40], columns=spec.num_classes or 8,
                             captions=(f"champion v{champion_version}", "challenger"))
@@ -157,8 +157,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     if evaluation.get("generator_sha256") != sha256_file(ws.generator):
         raise StageInputMissing("reports/eval.json is about another generator: rerun `genloop evaluate`")
     spec = GeneratorSpec.from_json(ws.generator.with_suffix(".json").read_text())
-    name = cfg.register_.model_name
-    metric = cfg.register_.metric
+    name = cfg.registry.model_name
+    metric = cfg.registry.metric
     score = float(evaluation[metric])
     tracking.configure(ws, cfg)
     with tracking.server_errors(ws, f"registering model {name!r}"):
