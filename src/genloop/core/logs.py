@@ -154,14 +154,6 @@ class ConsoleFormatter(logging.Formatter):
         return text if f"'{run}'" in text else f"{run}: {text}"
 
 
-def quiet_warnings() -> None:
-    """Warning filters for third-party warnings that nothing in genloop (or its user) can act on.
-
-    Each filter names one message and the module that warns: a warning from genloop's own
-    code, or a new one from a library, still shows."""
-    # (none needed at present: genloop's own runs raise no third-party warning a user cannot fix)
-
-
 def setup(verbose: bool = False) -> None:
     """Rich log lines on stderr: genloop's own and Prefect's run states, other libraries' INFO
     chatter only with `verbose`; offline-friendly defaults."""
@@ -181,7 +173,9 @@ def setup(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    quiet_warnings()
+    # No warning filter: the warnings `genloop loop` printed (MLflow's, on the pyfunc's type
+    # hints) are fixed where they came from, and with the blanket filters gone no other shows.
+    # A filter for a third-party warning nobody can act on names its message and module.
 
 
 class _UserErrorWithoutTraceback(logging.Filter):
