@@ -192,6 +192,52 @@ def _resume(ws: Workspace, name: str, pending: list[Any], metric: str, score: fl
                                f"completed version {v}, created by an interrupted run: {reason}")
 
 
+def _version_tags(ws: Workspace, evaluation: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
+    """The new version's tags: provenance, metrics and the gate's decision; marked pending until done."""
+    promote = gate["passed"]
+    comparison = gate["comparison"] or {}
+    return {
+        "genloop.data_version": data_version(ws),
+        "genloop.git_commit": git_commit(ws.root),
+        WEIGHTS_TAG: evaluation["generator_sha256"],
+        "genloop.extractor": evaluation["extractor"]["name"],
+        "genloop.train_run_id": evaluation.get("train_run_id"),
+        "genloop.eval_run_id": evaluation.get("run_id"),
+        **{k: evaluation[k] for k in TAGGED_METRICS if evaluation.get(k) is not None},
+        "memorised_share": evaluation["memorisation"]["share_below_threshold"],
+        "genloop.promoted": promote,
+        "genloop.decision": gate["reason"],
+        aliases.PASSED_TAG: promote,
+        "genloop.gate.reason": gate["reason"][:4000],
+        "genloop.gate.champion_version": (gate["champion"] or {}).get("version"),
+        **{f"genloop.gate.{k}": round(comparison[k], 6) for k in ("delta", "delta_low", "delta_high")
+           if k in comparison},
+        REGISTRATION_TAG: "pending",
+    }
+
+
+def _summary(ws: Workspace, gate: dict[str, Any], name: str, version: str, metric: str, score: float,
+             run_id: str) -> dict[str, Any]:
+    """reports/register.json: the version, where the champion alias points now and why."""
+    champ_now = tracking.get_alias_version(name, "champion")
+    return {
+        "model_name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "champion_version": str(champ_now.version) if champ_now else None,
+        "champion_uri": f"models:/{name}@champion",
+        "promoted": gate["passed"],
+        "reason": gate["reason"],
+        "metric": metric,
+        "score": score,
+        "champion_version_before": (gate["champion"] or {}).get("version"),
+        "champion_score_before": (gate["champion"] or {}).get("score"),
+        "run_id": run_id,
+        "tracking_uri": tracking.tracking_uri(ws),
+        "reused": False,
+    }
+
+
 def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: GeneratorSpec, name: str,
               metric: str, score: float) -> dict[str, Any]:
     versions = tracking.find_versions(name, WEIGHTS_TAG, evaluation["generator_sha256"])
@@ -208,24 +254,7 @@ def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: Gene
     with tracking.stage_run(ws, cfg, "register") as run:
         info = log_generator(ws, spec)  # the files first: a version is only ever created from uploaded files
         comparison = gate["comparison"] or {}
-        tags = {
-            "genloop.data_version": data_version(ws),
-            "genloop.git_commit": git_commit(ws.root),
-            WEIGHTS_TAG: evaluation["generator_sha256"],
-            "genloop.extractor": evaluation["extractor"]["name"],
-            "genloop.train_run_id": evaluation.get("train_run_id"),
-            "genloop.eval_run_id": evaluation.get("run_id"),
-            **{k: evaluation[k] for k in TAGGED_METRICS if evaluation.get(k) is not None},
-            "memorised_share": evaluation["memorisation"]["share_below_threshold"],
-            "genloop.promoted": promote,
-            "genloop.decision": gate["reason"],
-            aliases.PASSED_TAG: promote,
-            "genloop.gate.reason": gate["reason"][:4000],
-            "genloop.gate.champion_version": (gate["champion"] or {}).get("version"),
-            **{f"genloop.gate.{k}": round(comparison[k], 6) for k in ("delta", "delta_low", "delta_high")
-               if k in comparison},
-            REGISTRATION_TAG: "pending",
-        }
+        tags = _version_tags(ws, evaluation, gate)
         version = tracking.create_version(name, info.model_uri, tags)  # with its tags, in one call
         gate["challenger"]["version"] = version
         _set_aliases(name, version, promote, gate["reason"])
@@ -238,23 +267,7 @@ def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: Gene
             if evaluation.get("run_id"):  # and beside the challenger's own evaluation
                 tracking.log_image_to_run(evaluation["run_id"], comparison_grid, "eval/champion_vs_challenger.png")
         run_id = run.info.run_id
-    champ_now = tracking.get_alias_version(name, "champion")
-    summary = {
-        "model_name": name,
-        "version": version,
-        "model_uri": f"models:/{name}/{version}",
-        "champion_version": str(champ_now.version) if champ_now else None,
-        "champion_uri": f"models:/{name}@champion",
-        "promoted": promote,
-        "reason": gate["reason"],
-        "metric": metric,
-        "score": score,
-        "champion_version_before": (gate["champion"] or {}).get("version"),
-        "champion_score_before": (gate["champion"] or {}).get("score"),
-        "run_id": run_id,
-        "tracking_uri": tracking.tracking_uri(ws),
-        "reused": False,
-    }
+    summary = _summary(ws, gate, name, version, metric, score, run_id)
     with atomic_outputs() as out:  # both reports or neither
         out.write_json(ws.report("gate"), gate)
         out.write_json(ws.report("register"), summary)
