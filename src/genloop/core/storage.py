@@ -407,6 +407,26 @@ def _put_file(client: Any, bucket: str, key: str, path: Path) -> None:
         client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
 
 
+def _upload_plan(local: Path, s3_uri: str) -> tuple[str, str, list[str]]:
+    """Bucket, prefix and the folder's files (relative), each checked to stay under the prefix."""
+    from genloop.core.errors import SinkError
+
+    if not local.is_dir():
+        raise SinkError(f"cannot upload {local} to {s3_uri}: {local} is not a folder")
+    bucket, prefix = parse_s3_uri(s3_uri)
+    prefix = prefix.strip("/")
+    if not prefix:
+        raise SinkError(f"upload_dir mirrors a folder under a prefix; {s3_uri!r} names the whole bucket")
+    if problem := s3_key_problem(prefix):
+        raise SinkError(f"cannot upload {local} to {s3_uri}: the prefix is not usable: {problem}")
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for rel in files:  # a file name becomes part of a key: it must not step out of the prefix
+        if problem := s3_key_problem(rel):
+            raise SinkError(f"cannot upload {local} to {s3_uri}: file {rel!r} would not stay under the prefix "
+                            f"({problem}); nothing was uploaded")
+    return bucket, prefix, files
+
+
 def upload_dir(
     local: Path,
     s3_uri: str,
@@ -424,19 +444,7 @@ def upload_dir(
     from genloop.core.errors import SinkError, SinkUnreachable
 
     local = Path(local)
-    if not local.is_dir():
-        raise SinkError(f"cannot upload {local} to {s3_uri}: {local} is not a folder")
-    bucket, prefix = parse_s3_uri(s3_uri)
-    prefix = prefix.strip("/")
-    if not prefix:
-        raise SinkError(f"upload_dir mirrors a folder under a prefix; {s3_uri!r} names the whole bucket")
-    if problem := s3_key_problem(prefix):
-        raise SinkError(f"cannot upload {local} to {s3_uri}: the prefix is not usable: {problem}")
-    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    for rel in files:  # a file name becomes part of a key: it must not step out of the prefix
-        if problem := s3_key_problem(rel):
-            raise SinkError(f"cannot upload {local} to {s3_uri}: file {rel!r} would not stay under the prefix "
-                            f"({problem}); nothing was uploaded")
+    bucket, prefix, files = _upload_plan(local, s3_uri)
     tail = [rel for rel in last if rel in files]
     body = [rel for rel in files if rel not in tail]
     key = {rel: f"{prefix}/{rel}" for rel in files}

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -160,6 +161,39 @@ def _publish(cache: Path, rows: pd.DataFrame, folder: Path) -> None:
             shutil.copyfile(src, dst)
 
 
+def _report(ledger: pd.DataFrame, kept: pd.DataFrame, rejected: pd.DataFrame, dup_drops: list[dict[str, str]],
+            negatives: int, processed: int) -> dict[str, Any]:
+    """reports/clean.json: counts, every dropped file with its reason, and the notes on kept files."""
+    by_sha = ledger.set_index("sha256")
+    dropped = [
+        {"raw_sha256": s, "reason": r} for s, r in zip(rejected["sha256"], rejected["reason"], strict=True)
+    ] + dup_drops
+    for d in dropped:
+        d["file"] = f"data/raw/{by_sha.at[d['raw_sha256'], 'file']}"
+        d["original"] = str(by_sha.at[d["raw_sha256"], "original"])
+        d["source"] = str(by_sha.at[d["raw_sha256"], "source"])
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        kind = d["reason"].split(":")[0].split(" (")[0].split(" of ")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return {
+        "raw": len(ledger),
+        "negatives_skipped": negatives,
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "dropped_by_reason": reasons,
+        "decoded": processed,
+        "reused": len(ledger) - processed,
+        "splits": kept["split"].value_counts().to_dict(),
+        "dropped_files": sorted(dropped, key=lambda d: d["file"]),
+        # kept images read with a choice made (an animation: only its first frame is used)
+        "notes": sorted(({"raw_sha256": s, "id": i, "file": f"data/raw/{by_sha.at[s, 'file']}",
+                          "original": str(by_sha.at[s, "original"]), "note": n}
+                         for s, i, n in zip(kept["raw_sha256"], kept["id"], kept["note"], strict=True)
+                         if isinstance(n, str)), key=lambda d: d["file"]),
+    }
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     """Clean data/raw into data/clean + data/manifest.parquet + reports/clean.json."""
     if not ws.ledger.exists():
@@ -187,34 +221,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     kept["width"] = cfg.data.resolution
     kept["height"] = cfg.data.resolution
 
-    by_sha = ledger.set_index("sha256")
-    dropped = [
-        {"raw_sha256": s, "reason": r} for s, r in zip(rejected["sha256"], rejected["reason"], strict=True)
-    ] + dup_drops
-    for d in dropped:
-        d["file"] = f"data/raw/{by_sha.at[d['raw_sha256'], 'file']}"
-        d["original"] = str(by_sha.at[d["raw_sha256"], "original"])
-        d["source"] = str(by_sha.at[d["raw_sha256"], "source"])
-    reasons: dict[str, int] = {}
-    for d in dropped:
-        kind = d["reason"].split(":")[0].split(" (")[0].split(" of ")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    report = {
-        "raw": len(ledger),
-        "negatives_skipped": negatives,
-        "kept": len(kept),
-        "dropped": len(dropped),
-        "dropped_by_reason": reasons,
-        "decoded": processed,
-        "reused": len(ledger) - processed,
-        "splits": kept["split"].value_counts().to_dict(),
-        "dropped_files": sorted(dropped, key=lambda d: d["file"]),
-        # kept images read with a choice made (an animation: only its first frame is used)
-        "notes": sorted(({"raw_sha256": s, "id": i, "file": f"data/raw/{by_sha.at[s, 'file']}",
-                          "original": str(by_sha.at[s, "original"]), "note": n}
-                         for s, i, n in zip(kept["raw_sha256"], kept["id"], kept["note"], strict=True)
-                         if isinstance(n, str)), key=lambda d: d["file"]),
-    }
+    report = _report(ledger, kept, rejected, dup_drops, negatives, processed)
+    dropped = report["dropped_files"]
     with atomic_outputs() as out:  # data/clean, the manifest and the report: all three or none
         _publish(cache, kept, out.folder(ws.clean))
         conform(kept, MANIFEST_COLUMNS).to_parquet(out.file(ws.manifest), index=False)
