@@ -221,7 +221,8 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
                                f"{str(exc).splitlines()[0]}. {fix}") from None
         module.eval()
         accuracy = json.loads(meta_path.read_text()).get("train_accuracy")
-        log.info("extractor: reusing %s (data version %s)", path, version)
+        log.info("extractor: cached %s for data %s", kind, str(version)[:8])
+        log.debug("extractor weights: %s", path)
     else:
         accuracy = _fit(module, data, cfg.evaluate.extractor_epochs, seed=cfg.evaluate.seed)
         with atomic_path(path) as tmp:

@@ -64,7 +64,7 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
         tensors = load_torch_file(path, "cached reference statistics", keys=("holdout", "train"),
                                   fix="Delete it; the next evaluation recomputes it.")
         meta = json.loads(meta_path.read_text())
-        log.info("reference statistics: cache hit %s", key)
+        log.info("reference statistics: cached (%s)", key[:8])
         ref = Reference(key, tensors["holdout"], tensors["train"], meta["train_ids"], meta["novelty_unit"],
                         meta["floor"], cached=True)
         return ref, train_set
@@ -77,7 +77,7 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
     _save(path, {"holdout": holdout, "train": train},
           {"train_ids": train_set.ids, "novelty_unit": unit, "floor": floor, "data_version": data_version(ws),
            "extractor": extractor.kind, "extractor_fingerprint": extractor.fingerprint})
-    log.info("reference statistics: computed %s (%d holdout, %d train images)", key, len(holdout), len(train))
+    log.info("reference statistics: %d holdout, %d train images (%s)", len(holdout), len(train), key[:8])
     return Reference(key, holdout, train, train_set.ids, unit, floor, cached=False), train_set
 
 
