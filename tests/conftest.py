@@ -1,4 +1,8 @@
-"""Shared fixtures: a quiet environment and a real moto S3 server."""
+"""Shared fixtures (a quiet environment, a real moto S3 server, `genloop loop`) and the one place
+that marks tests `integration`: every test under tests/integration/, every test that uses a
+fixture starting a server (SERVER_FIXTURES, directly or through the fixtures it uses), and the
+slow fault drills (INTEGRATION_MODULES). `pytest -m "not integration"` then starts no server
+(tests/unit/test_markers.py checks it)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,47 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+# Fixtures that start a server. A fixture built on one (s3_env, proxy, s3_bucket, first_run...)
+# is in a test's fixture closure with it, so it need not be listed.
+SERVER_FIXTURES = frozenset({
+    "moto_server",  # moto's S3 server (tests/conftest.py)
+    "genloop_loop",  # `genloop loop`: a Prefect flow, on Prefect's temporary API server (tests/conftest.py)
+    "mlflow_server",  # `mlflow server` (tests/integration/test_e2e.py, reused by test_feedback_loop.py)
+    "mlflow_servers",  # `mlflow server`s a test starts and kills (tests/drills/test_injected_faults.py)
+    "review_server",  # the review app under uvicorn (tests/unit/test_review_app.py), and with headless
+                      # Chromium (tests/integration/test_review_browser.py)
+    "services",  # `genloop services up`: MLflow server, Prefect server and worker (test_scheduled.py)
+    "spare_services",  # another `genloop services up`, for the `services down` test (test_scheduled.py)
+    "local_services",  # `genloop services up` (tests/integration/test_infra.py)
+})
+# Fault drills that run whole CLI stages many times (SIGKILL, ENOSPC at every write point, S3 and
+# MLflow faults): slow, so they run with the integration tests (`make test-integration`).
+INTEGRATION_MODULES = frozenset({"drills/test_sigkill.py", "drills/test_injected_faults.py"})
+
+
+def integration_reason(item: pytest.Item) -> str | None:
+    """Why `item` is an integration test (None when it is not)."""
+    rel = Path(item.path).resolve().relative_to(TESTS).as_posix()
+    if rel.startswith("integration/"):
+        return "under tests/integration/"
+    if rel in INTEGRATION_MODULES:
+        return "a slow fault drill"
+    servers = sorted(SERVER_FIXTURES & set(getattr(item, "fixturenames", ())))
+    return f"starts a server ({', '.join(servers)})" if servers else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if integration_reason(item):
+            item.add_marker(pytest.mark.integration)
 
 S3_ENV_VARS = (
     "GENLOOP_S3_ENDPOINT_URL",
@@ -86,3 +128,17 @@ def s3_env(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return moto_server
+
+
+@pytest.fixture
+def genloop_loop() -> Callable[..., subprocess.CompletedProcess]:
+    """`genloop loop` in a workspace: run(ws, env, *args, timeout=600, ok=True) (see helpers.run_cli).
+    The loop is a Prefect flow, so it starts Prefect's temporary API server: a test that runs it
+    takes this fixture and is an integration test."""
+    from tests.helpers import BIN, run_cli
+
+    def run(ws: Path, env: dict[str, str], *args: str, timeout: int = 600,
+            ok: bool = True) -> subprocess.CompletedProcess:
+        return run_cli([str(BIN / "genloop"), "loop", *args], ws, env, timeout=timeout, ok=ok)
+
+    return run

@@ -18,9 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -124,6 +124,13 @@ def running(ws: Path, *, token: str = TOKEN, reviewer: str = "alice", version: s
         sock.close()
 
 
+@pytest.fixture
+def review_server() -> Callable[..., AbstractContextManager[str]]:
+    """`running`: the review app served by uvicorn on 127.0.0.1. A test that takes this fixture
+    starts a real server, and is marked `integration` (tests/conftest.py)."""
+    return running
+
+
 def client(origin: str) -> httpx.Client:
     return httpx.Client(base_url=origin, trust_env=False, timeout=30)
 
@@ -148,9 +155,9 @@ def batch(tmp_path: Path) -> tuple[Path, list[str]]:
 # security
 
 
-def test_token_required_on_every_request(batch: tuple[Path, list[str]]) -> None:
+def test_token_required_on_every_request(batch: tuple[Path, list[str]], review_server: Callable) -> None:
     ws, ids = batch
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         for path in ("/", "/api/batch", "/api/items", f"/api/images/{ids[0]}", "/nope", "/docs", "/openapi.json"):
             assert c.get(path).status_code == 401, path
             assert c.get(path, headers={"X-Review-Token": "wrong-token-0123456789"}).status_code == 403, path
@@ -193,10 +200,10 @@ def test_token_from_env_and_weak_tokens_refused(monkeypatch: pytest.MonkeyPatch)
             review_app.resolve_token(weak)
 
 
-def test_cross_origin_post_refused(batch: tuple[Path, list[str]]) -> None:
+def test_cross_origin_post_refused(batch: tuple[Path, list[str]], review_server: Callable) -> None:
     ws, ids = batch
     body = {"image_id": ids[0], "decision": "accept"}
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         refused = {
             "evil Origin": {**auth(origin), "Origin": "http://evil.example"},
             "other port": {**auth(origin), "Origin": "http://127.0.0.1:1"},
@@ -219,10 +226,10 @@ def test_cross_origin_post_refused(batch: tuple[Path, list[str]]) -> None:
     assert len(records_on_disk(ws)) == 2
 
 
-def test_form_and_non_json_posts_refused(batch: tuple[Path, list[str]]) -> None:
+def test_form_and_non_json_posts_refused(batch: tuple[Path, list[str]], review_server: Callable) -> None:
     """What a plain HTML form on another site (or any non-JSON body) can send is refused."""
     ws, ids = batch
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         base = {"X-Review-Token": TOKEN, "Origin": origin}
         form = c.post("/api/feedback", data={"image_id": ids[0], "decision": "accept"}, headers=base)
         assert form.status_code == 415
@@ -248,7 +255,7 @@ def _audit(event: str, args: tuple) -> None:
         _OPENED.append(os.fsdecode(args[0]))
 
 
-def test_image_ids_confined_to_the_batch_folder(batch: tuple[Path, list[str]]) -> None:
+def test_image_ids_confined_to_the_batch_folder(batch: tuple[Path, list[str]], review_server: Callable) -> None:
     """`..`, absolute and encoded ids get a 4xx, and no file outside the batch folder is opened."""
     global _OPENED
     ws, ids = batch
@@ -263,7 +270,7 @@ def test_image_ids_confined_to_the_batch_folder(batch: tuple[Path, list[str]]) -
              "..%2Fsecret.png", "%2E%2E", "%2Fetc%2Fpasswd", "/etc/passwd", quote(str(secret), safe=""),
              "..%5C..%5Csecret.txt", "v3-000000.png%00", "v3-000000%0A", ".hidden", "secret.png",
              "scores.parquet", "000000.png", "v2-000000", "v3-999999"]
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         _OPENED = []
         try:
             port = int(origin.rsplit(":", 1)[1])
@@ -318,10 +325,11 @@ def test_binds_loopback_by_default_and_refuses_remote_hosts(batch: tuple[Path, l
     assert "refusing to serve on 0.0.0.0" in done.output and "--allow-remote" in done.output
 
 
-def test_token_never_logged(batch: tuple[Path, list[str]], caplog: pytest.LogCaptureFixture) -> None:
+def test_token_never_logged(batch: tuple[Path, list[str]], caplog: pytest.LogCaptureFixture,
+                            review_server: Callable) -> None:
     ws, ids = batch
     caplog.set_level("DEBUG")
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         c.get("/", params={"token": TOKEN})
         c.get(f"/api/images/{ids[0]}", params={"token": TOKEN})
         c.post("/api/feedback", json={"image_id": ids[0], "rating": 3}, headers=auth(origin))
@@ -334,10 +342,10 @@ def test_token_never_logged(batch: tuple[Path, list[str]], caplog: pytest.LogCap
 # state, paging, concurrency
 
 
-def test_state_after_reload_and_restart(batch: tuple[Path, list[str]]) -> None:
+def test_state_after_reload_and_restart(batch: tuple[Path, list[str]], review_server: Callable) -> None:
     ws, ids = batch
     a, b, c_, d = ids[:4]
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         for body in ({"image_id": a, "decision": "accept"}, {"image_id": b, "decision": "reject"},
                      {"image_id": c_, "rating": 4}, {"image_id": d, "decision": "accept", "rating": 2},
                      {"image_id": d, "decision": "reject"}, {"image_id": a, "rating": 5, "reviewer": "bob"}):
@@ -345,7 +353,7 @@ def test_state_after_reload_and_restart(batch: tuple[Path, list[str]]) -> None:
             assert r.status_code == 200, r.text
         assert r.json()["decision"] == "accept" and r.json()["rating"] == 5 and r.json()["reviewer"] == "bob"
         same_server = c.get("/api/items", params={"token": TOKEN}).json()
-    with running(ws, reviewer="carol") as origin, client(origin) as c:  # a restart reads the store
+    with review_server(ws, reviewer="carol") as origin, client(origin) as c:  # a restart reads the store
         info = c.get("/api/batch", params={"token": TOKEN}).json()
         items = c.get("/api/items", params={"token": TOKEN}).json()
         accepted = c.get("/api/items", params={"token": TOKEN, "show": "accepted"}).json()
@@ -381,9 +389,9 @@ def _fill_store(ws: Path, ids: list[str]) -> None:
         path.write_text(rec.model_dump_json() + "\n")
 
 
-def _measure(ws: Path, n: int) -> dict[str, float]:
+def _measure(ws: Path, n: int, review_server: Callable) -> dict[str, float]:
     t0 = time.perf_counter()
-    with running(ws) as origin, client(origin) as c:
+    with review_server(ws) as origin, client(origin) as c:
         startup = time.perf_counter() - t0
         q = {"token": TOKEN}
 
@@ -432,7 +440,7 @@ def _measure(ws: Path, n: int) -> dict[str, float]:
     return out
 
 
-def test_paging_2000_images_stays_fast(tmp_path: Path) -> None:
+def test_paging_2000_images_stays_fast(tmp_path: Path, review_server: Callable) -> None:
     """2,000 images and a 2,000-record store vs 60 images and 60 records: printed ratios, no wall-clock assert."""
     figures = {}
     for n in (60, 2000):
@@ -440,7 +448,7 @@ def test_paging_2000_images_stays_fast(tmp_path: Path) -> None:
         ws.mkdir()
         ids = make_batch(ws, n, side=16)
         _fill_store(ws, ids)
-        figures[n] = _measure(ws, n)
+        figures[n] = _measure(ws, n, review_server)
         # the page is 60 cards however big the batch: no giant page, images fetched by id on demand
         assert figures[n]["page_json_bytes"] < 20_000 and figures[n]["html_bytes"] < 40_000
     print("\nreview paging: 2,000 images + 2,000 records vs 60 images + 60 records")
@@ -478,7 +486,7 @@ sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 for pid in ch
 """
 
 
-def test_concurrent_reviewers_lose_no_record(tmp_path: Path) -> None:
+def test_concurrent_reviewers_lose_no_record(tmp_path: Path, review_server: Callable) -> None:
     """8 reviewers x 50 POSTs on the real server while 4 processes x 50 append to the store itself."""
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -502,7 +510,7 @@ def test_concurrent_reviewers_lose_no_record(tmp_path: Path) -> None:
                 with lock:
                     statuses.append(r.status_code)
 
-    with running(ws) as origin:
+    with review_server(ws) as origin:
         pool = [threading.Thread(target=reviewer, args=(k, origin)) for k in range(threads)]
         for t in pool:
             t.start()
@@ -681,22 +689,22 @@ def test_import_unknown_image_imports_nothing(batch: tuple[Path, list[str]], tmp
     assert store_of(ws).records() == []
 
 
-@pytest.mark.integration
-def test_review_and_import_with_an_s3_store(batch: tuple[Path, list[str]], s3_env: str, tmp_path: Path) -> None:
+def test_review_and_import_with_an_s3_store(batch: tuple[Path, list[str]], s3_env: str, tmp_path: Path,
+                                            review_server: Callable) -> None:
     """feedback.store = s3://bucket/prefix: the page's actions and imports land there, one object each."""
     from genloop.core.storage import s3_client
 
     ws, ids = batch
     s3_client().create_bucket(Bucket="genloop-review-test")
     sets = ["feedback.store=s3://genloop-review-test/team/feedback"]
-    with running(ws, sets=sets) as origin, client(origin) as c:
+    with review_server(ws, sets=sets) as origin, client(origin) as c:
         for body in ({"image_id": ids[0], "decision": "accept"}, {"image_id": ids[1], "rating": 2}):
             assert c.post("/api/feedback", json=body, headers=auth(origin)).status_code == 200
     f = tmp_path / "more.jsonl"
     f.write_text(json.dumps({"image_id": ids[2], "decision": "reject", "reviewer": "zoe"}) + "\n")
     code, out = _cli(ws, "feedback", "import", str(f), "-S", sets[0])
     assert code == 0 and "imported 1" in out, out
-    with running(ws, sets=sets) as origin, client(origin) as c:  # a restart reads the bucket
+    with review_server(ws, sets=sets) as origin, client(origin) as c:  # a restart reads the bucket
         page = c.get("/api/items", params={"token": TOKEN}).json()["items"]
     items = {i["id"]: (i["decision"], i["rating"]) for i in page}
     assert (items[ids[0]], items[ids[1]], items[ids[2]]) == (("accept", None), (None, 2), ("reject", None))
