@@ -77,5 +77,29 @@ def make_workspace(ws: Path, overrides: list[str] = TINY) -> Path:
     return ws
 
 
+def expected_extractor(cfg, ws) -> str:
+    """The feature extractor evaluation must choose for this workspace's data and these params
+    (the rule of genloop.eval.extractors): Inception where evaluate.extractor allows it and its
+    weights and torch-fidelity are here; else the in-domain one, a classifier when every training
+    image has a label and an autoencoder when not."""
+    from genloop.core.manifest import read_manifest
+    from genloop.eval.extractors import _inception_unavailable
+
+    if cfg.evaluate.extractor != "domain" and _inception_unavailable(cfg) is None:
+        return "inception-v3"
+    train = read_manifest(ws.manifest).query("split == 'train'")
+    return "domain-classifier" if len(train) and train["label"].notna().all() else "domain-autoencoder"
+
+
+def expected_steps(cfg, ws, world_size: int = 1) -> int:
+    """The optimizer steps `genloop train` takes on this workspace's training split: train.epochs
+    passes of whole global batches (train.batch_size per process; a last partial batch is left out)."""
+    from genloop.core.manifest import read_manifest
+
+    n = int((read_manifest(ws.manifest)["split"] == "train").sum())
+    batch = min(cfg.train.batch_size, max(1, n // world_size))
+    return cfg.train.epochs * max(1, n // (batch * world_size))
+
+
 # what every run_cli call printed (stdout, stderr), for the secrets drill (tests/drills/secret_scan.py)
 CLI_OUTPUTS: list[tuple[list[str], str, str]] = []

@@ -9,12 +9,14 @@ unsafely, so a test cannot pass on a harmless file.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import pathlib
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from genloop.eval.reference import load_reference
 from genloop.mlops import tracking
 from genloop.models import family, load_generator, load_torch_file, sample, save_generator
 from genloop.stages import clean, collect, evaluate, generate, train
-from tests.helpers import TINY
+from tests.helpers import TINY, cli_env, make_workspace
 
 SETTINGS = [*TINY, "collect.sources=[{uri: 'builtin:mnist', limit: 150}]", "collect.dvc_add=false",
             "train.threads=1", "evaluate.n_samples=20"]
@@ -226,7 +228,7 @@ def test_a_registered_pyfunc_model_with_malicious_weights_is_refused(
     artifacts.mkdir()
     shutil.copy(ws.generator.with_suffix(".json"), artifacts / "generator.json")
     _plant(PAYLOADS[0], artifacts / "generator.pt", marker)
-    name = cfg.register_.model_name
+    name = cfg.registry.model_name
     tracking.configure(ws, cfg)
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
@@ -242,7 +244,7 @@ def test_a_registered_pyfunc_model_with_malicious_weights_is_refused(
         assert not marker.exists()
         msg = str(raised.value)
         assert "generator.pt" in msg and "not a plain tensor/state-dict file" in msg, msg
-    assert not ws.generated.exists() or not any(ws.generated.iterdir())
+    assert not ws.generated.exists()
 
 
 def _prefect_store(ws: Workspace) -> Any:
@@ -303,6 +305,57 @@ def test_tampered_prefect_cache_records_are_never_read_back(prepared: tuple, tmp
     (records / key).write_text(json.dumps(good))
     (results / key).write_bytes(good_result)
     assert cache_policy.outputs_intact("clean", key, ws)
+
+
+def test_a_real_loop_runs_a_stage_again_instead_of_reading_its_tampered_cache_record(
+        tmp_path: Path, genloop_loop: Callable) -> None:
+    """The same guard through `genloop loop` (a real Prefect flow): between two loops over unchanged
+    data and params, clean's cache record is made to name the pickle serializer (its result a
+    pickle that runs a shell command) and validate's to decode its JSON with subprocess.run. The
+    second loop runs both stages instead of reading those records, runs no payload, and still takes
+    train and evaluate from the cache; Prefect itself, given the same records, runs the payloads."""
+    from genloop.orchestrate import cache_policy
+
+    (tmp_path / "ws").mkdir()
+    ws = Workspace.at(make_workspace(tmp_path / "ws"))
+    env = cli_env(ws.root)
+    first = genloop_loop(ws.root, env)
+    assert "skipped:    nothing" in first.stdout
+    cfg = load_params(ws.root / "params.yaml")
+    keys = {stage: cache_policy.stage_key(stage, cfg, ws) for stage in ("clean", "validate")}
+    records, results = cache_policy.results_dir(ws) / "records", cache_policy.results_dir(ws) / "results"
+    marker = tmp_path / "pwned"
+
+    def tamper(marker: Path) -> None:
+        good = {stage: json.loads((records / key).read_text()) for stage, key in keys.items()}
+        assert [g["serializer"]["type"] for g in good.values()] == ["json", "json"]  # what the first loop wrote
+        (records / keys["clean"]).write_text(json.dumps({**good["clean"], "serializer": {"type": "pickle",
+                                                                                         "picklelib": "pickle"}}))
+        # as Prefect's PickleSerializer writes a result: a base64-wrapped pickle
+        (results / keys["clean"]).write_bytes(base64.encodebytes(pickle.dumps(_System(marker.with_suffix(".pickle")))))
+        hook = {**good["validate"]["serializer"], "object_decoder": "subprocess.run"}
+        (records / keys["validate"]).write_text(json.dumps({**good["validate"], "serializer": hook}))
+        (results / keys["validate"]).write_text(json.dumps({"touch": 1, str(marker.with_suffix(".json")): 2}))
+
+    tamper(marker)
+    second = genloop_loop(ws.root, env)
+    assert not list(tmp_path.glob("pwned*")), "a tampered cache record was deserialised"
+    # the inputs and params did not change (the same keys): only the tampered stages ran again
+    assert {stage: cache_policy.stage_key(stage, cfg, ws) for stage in keys} == keys
+    assert "skipped:    train, evaluate (unchanged inputs and params)" in second.stdout
+    # the warnings naming each refused record (the console wraps long lines: compared without whitespace)
+    logged = "".join((second.stdout + second.stderr).split())
+    warned = [line for line in second.stderr.splitlines() if "cached" in line]
+    for stage, why in (("clean", "it names serializer 'pickle'"), ("validate", "it changes how its JSON is decoded")):
+        expected = f"not using the cached result of {records / keys[stage]}: {why}"
+        assert "".join(expected.split()) in logged, (expected, warned)
+    # the control: Prefect's own result store, reading the same records, runs both payloads
+    control = tmp_path / "control"
+    tamper(control)
+    for stage in keys:
+        with contextlib.suppress(Exception):  # the payloads run while the result is being rebuilt
+            _prefect_store(ws).read(keys[stage])
+    assert sorted(p.name for p in tmp_path.glob("control*")) == ["control.json", "control.pickle"]
 
 
 # ---------------------------------------------------------------- S3 keys genloop builds
@@ -389,7 +442,7 @@ def test_the_model_code_stored_in_the_registry_is_never_run(
     marker = tmp_path / "pwned-by-code"
     code = tmp_path / "evil_model.py"
     code.write_text(MALICIOUS_CODE.format(marker=str(marker)))
-    name = cfg.register_.model_name
+    name = cfg.registry.model_name
     tracking.configure(ws, cfg)
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(

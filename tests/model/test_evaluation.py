@@ -3,6 +3,8 @@ memorisation detection, the noise-aware gate and rollback of the champion alias.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import shutil
@@ -13,16 +15,17 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from genloop.core.config import load_params
-from genloop.core.dataset import load_split
+from genloop.core.dataset import load_split, to_unit
 from genloop.core.errors import GenloopError
 from genloop.core.workspace import Workspace
-from genloop.eval.extractors import embed, embed_with_logits, get_extractor
+from genloop.eval.extractors import embed, embed_with_logits, get_extractor, to_nchw_uint8
 from genloop.eval.gate import decide, paired_bootstrap
 from genloop.eval.generator_eval import GeneratorEval
-from genloop.eval.metrics import memorisation, suite
+from genloop.eval.metrics import FidAgainst, memorisation, suite
 from genloop.eval.reference import load_reference
 from genloop.mlops import aliases, tracking
-from genloop.stages import clean, collect
+from genloop.models import family, sample
+from genloop.stages import clean, collect, train
 from tests.helpers import BIN, ROOT, cli_env, run_cli
 
 SETTINGS = [
@@ -130,22 +133,83 @@ def test_gate_promotes_only_a_clear_improvement(challenger_shift, promoted):
     comparison = paired_bootstrap("fid", real, challenger, champion, resamples=60, confidence=0.95, seed=0)
     passed, reason = decide(cfg, _eval(challenger), comparison)
     assert passed is promoted, reason
-    if challenger_shift == 0.5:  # identical to the champion: no improvement, and the interval holds 0
-        assert comparison.delta == pytest.approx(0.0, abs=1e-9)
-        assert comparison.delta_low <= 0 <= comparison.delta_high
 
 
-def test_gate_keeps_a_margin_for_noise():
-    """A small real improvement, inside a margin the user asked for, is not enough."""
+def test_gate_sees_no_improvement_in_a_challenger_identical_to_the_champion():
+    cfg = load_params(None, ["register.gate.bootstrap=60"])
+    real, champion = _gaussians(0.0, seed=1), _gaussians(0.5, seed=2)
+    comparison = paired_bootstrap("fid", real, _gaussians(0.5, seed=2), champion, resamples=60, confidence=0.95,
+                                  seed=0)
+    assert comparison.delta == pytest.approx(0.0, abs=1e-9)
+    assert comparison.delta_low <= 0 <= comparison.delta_high
+    passed, reason = decide(cfg, _eval(champion), comparison)
+    assert not passed and "is not better than the champion's" in reason
+
+
+def test_gate_keeps_the_margin_the_user_asked_for():
+    """A clear improvement (its whole interval above 0) that does not clear register.gate.min_improvement."""
     real, champion = _gaussians(0.0, seed=1), _gaussians(0.3, seed=2)
     challenger = _gaussians(0.25, seed=2)
     comparison = paired_bootstrap("fid", real, challenger, champion, resamples=60, confidence=0.95, seed=0)
-    assert comparison.delta > 0
-    no_margin = load_params(None, [])
-    assert decide(no_margin, _eval(challenger), comparison)[0] is (comparison.delta_low > 0)
+    assert 0 < comparison.delta_low < comparison.delta < comparison.delta_high
+    assert decide(load_params(None, []), _eval(challenger), comparison)[0] is True  # no margin: promoted
     margin = load_params(None, [f"register.gate.min_improvement={comparison.delta_high + 0.01}"])
     passed, reason = decide(margin, _eval(challenger), comparison)
     assert not passed and "within the noise" in reason
+
+
+@pytest.fixture(scope="module")
+def noisy_pair(data_ws) -> tuple:
+    """Two generators whose FIDs differ by sampling noise alone: a small VAE trained for two epochs
+    on the digits, and the same weights with the sign of the latent input flipped. G(-z) draws the
+    same images in law as G(z) (z ~ N(0, I) is symmetric) but another image from every seed, as a
+    second model of equal quality does. Returns the gate's view of each: features of
+    evaluate.n_samples images drawn from evaluate.seed, and their memorisation."""
+    ws, cfg, extractor = data_ws
+    ref, _ = load_reference(cfg, ws, extractor)
+    data = load_split(ws, "train")
+    vae = load_params(None, [*SETTINGS, "model.family=vae", "model.vae.latent_dim=8", "model.vae.width=8"])
+    spec = train._spec(vae, data)
+    torch.manual_seed(0)
+    trainer = family("vae").Trainer(spec, vae.train.lr, vae.train.beta1, torch.device("cpu"))
+    order = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        perm = torch.randperm(len(data), generator=order)
+        for i in range(0, len(data) - 31, 32):
+            idx = perm[i: i + 32]
+            trainer.step(to_unit(data.images[idx]), data.labels[idx], contextlib.nullcontext)
+    generator = trainer.generator.eval()
+    flipped = copy.deepcopy(generator)
+    with torch.no_grad():  # the projection's first latent_dim input channels take z; the rest, the class code
+        flipped.project[0].weight[: spec.hparams["latent_dim"]].neg_()
+    e = cfg.evaluate
+    evals = []
+    for gen in (generator, flipped):
+        features = embed(extractor.module, to_nchw_uint8(sample(gen, spec, e.n_samples, e.seed)))
+        mem = memorisation(features, ref.train, ref.novelty_unit, e.memorisation_threshold)
+        evals.append(GeneratorEval("x", torch.zeros(0), features, None, {}, mem, e.seed, cached=False))
+    return ref, evals
+
+
+def test_gate_holds_back_a_challenger_whose_lead_is_within_the_noise(data_ws, noisy_pair):
+    """The better-scoring of the noisy pair, as the challenger against the other, with the default
+    gate (no margin): its lead is a sliver of either FID's own bootstrap spread, the interval of the
+    improvement reaches below 0, and the gate says it is within the noise."""
+    _, cfg, _ = data_ws
+    ref, evals = noisy_pair
+    g = cfg.registry.gate
+    assert g.min_improvement == 0
+    fid = FidAgainst(ref.holdout)
+    champion, challenger = sorted(evals, key=lambda ev: fid(ev.features), reverse=True)
+    comparison = paired_bootstrap("fid", ref.holdout, challenger.features, champion.features, resamples=g.bootstrap,
+                                  confidence=g.confidence, seed=g.seed)
+    assert comparison.challenger < comparison.champion
+    spread = min(hi - lo for lo, hi in (comparison.challenger_interval, comparison.champion_interval))
+    assert 0 < comparison.delta < 0.05 * spread  # the FIDs differ by far less than their own noise
+    assert comparison.delta_low < 0 < comparison.delta < comparison.delta_high
+    assert challenger.memorisation.share <= g.max_memorised_share  # not refused for memorising
+    passed, reason = decide(cfg, challenger, comparison)
+    assert not passed and "is within the noise" in reason, reason
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> str:

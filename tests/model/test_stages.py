@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,13 +15,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from genloop.core.config import load_params
+from genloop.core.config import Params, load_params
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import read_manifest
 from genloop.core.workspace import Workspace
+from genloop.eval.extractors import _inception_unavailable
 from genloop.models import load_generator
 from genloop.stages import clean, collect, evaluate, generate, optimize, register, train, validate
-from tests.helpers import TINY
+from tests.helpers import TINY, expected_extractor, expected_steps
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_train_writes_generator_reports_and_an_mlflow_run(pipeline):
     assert spec.classes == [str(i) for i in range(10)]  # MNIST labels make it conditional
     curve = pd.read_csv(ws.reports / "train.csv")
     assert {"step", "loss", "img_per_s"} <= set(curve.columns)
-    assert curve["step"].iloc[-1] == summary["steps"] > 0
+    assert curve["step"].iloc[-1] == summary["steps"] == expected_steps(cfg, ws) >= 2
     mlflow.set_tracking_uri(f"sqlite:///{ws.mlflow_db}")
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
@@ -66,24 +68,55 @@ def test_train_resumes_from_its_checkpoint_instead_of_starting_over(pipeline):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_evaluate_names_its_extractor_and_sample_counts(pipeline):
-    ws, cfg, results = pipeline
+@pytest.fixture(scope="module")
+def unlabelled(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, Params, None]:
+    """The pipeline's clean images collected again from a plain folder (no labels), cleaned, and the
+    pipeline's generator evaluated on them."""
+    labelled_ws = pipeline[0]
+    root = tmp_path_factory.mktemp("unlabelled")
+    images = shutil.copytree(labelled_ws.clean, root / "images")
+    ws = Workspace.at(root / "ws")
+    cfg = load_params(None, [*TINY, "collect.dvc_add=false", f"collect.sources=[{{uri: '{images}', labels: none}}]"])
+    collect.run(cfg, ws)
+    clean.run(cfg, ws)
+    ws.generator.parent.mkdir(parents=True)
+    for f in (labelled_ws.generator, labelled_ws.generator.with_suffix(".json")):
+        shutil.copy(f, ws.generator.parent / f.name)
+    evaluate.run(cfg, ws)
+    return ws, cfg, None
+
+
+@pytest.mark.parametrize("data", ["labelled", "unlabelled"])
+def test_evaluate_names_its_extractor_and_sample_counts(data, request):
+    """The extractor is the one genloop picks for the data: with no Inception weights here, the
+    in-domain classifier for labelled digits, the autoencoder for the same digits without labels."""
+    ws, cfg, _ = request.getfixturevalue("pipeline" if data == "labelled" else "unlabelled")
     report = json.loads(ws.report("eval").read_text())
-    holdout = (read_manifest(ws.manifest)["split"] == "holdout").sum()
-    assert report["extractor"]["name"] == "domain-classifier"
-    assert "Inception" in report["extractor"]["why"] or "inception" in report["extractor"]["why"]
-    assert report["n_real"] == holdout
+    manifest = read_manifest(ws.manifest)
+    assert manifest["label"].notna().all() if data == "labelled" else manifest["label"].isna().all()
+    expected = expected_extractor(cfg, ws)
+    assert report["extractor"]["name"] == expected
+    if expected != "inception-v3":
+        assert expected == {"labelled": "domain-classifier", "unlabelled": "domain-autoencoder"}[data]
+        assert report["extractor"]["why"] == f"auto: {_inception_unavailable(cfg)}"  # why not Inception
+    # an autoencoder has no classes: no Inception Score from it
+    assert (report["inception_score"] is None) == (expected == "domain-autoencoder")
+    assert report["n_real"] == (manifest["split"] == "holdout").sum()
     assert report["n_fake"] == cfg.evaluate.n_samples
-    # one epoch of a tiny GAN is far from the data; real training images are close to it
-    assert report["fid"] > report["fid_real_floor"] >= 0
-    assert 0 <= report["memorisation"]["share_below_threshold"] <= 1
-    assert report["inception_score"] >= 1 and 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
-    assert report["kid_std"] >= 0 and report["reference"]["key"]
+    # one epoch of a tiny model is far from the data; real training images are close to it
+    assert report["fid"] > report["fid_real_floor"] > 0
+    assert report["kid_std"] > 0 and report["reference"]["key"]
     per_sample = pd.read_csv(ws.reports / "memorisation.csv")
     assert len(per_sample) == cfg.evaluate.n_samples
-    assert per_sample["nearest_train_id"].isin(read_manifest(ws.manifest)["id"]).all()
+    assert per_sample["nearest_train_id"].isin(manifest["id"]).all()
+    assert report["memorisation"]["n_memorised"] == per_sample["memorised"].sum()
+    assert report["memorisation"]["share_below_threshold"] == pytest.approx(per_sample["memorised"].mean())
     history = pd.read_csv(ws.reports / "eval_history.csv")
     assert history["fid"].iloc[-1] == pytest.approx(report["fid"])
+    # the same numbers reached the evaluation's MLflow run
+    metrics = MlflowClient(f"sqlite:///{ws.mlflow_db}").get_run(report["run_id"]).data.metrics
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "fid_real_floor"):
+        assert metrics[key] == pytest.approx(report[key], abs=1e-6), key  # the report rounds to 6 decimals
 
 
 def test_evaluation_history_grows_per_generator_and_reaches_mlflow(pipeline):
@@ -115,11 +148,11 @@ def test_register_makes_a_pyfunc_champion_that_generates_images(pipeline):
     mlflow.set_tracking_uri(f"sqlite:///{ws.mlflow_db}")
     mlflow.set_registry_uri(f"sqlite:///{ws.mlflow_db}")
     client = MlflowClient()
-    version = client.get_model_version_by_alias(cfg.register_.model_name, "champion")
+    version = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(version.version) == "1"
     assert version.tags["genloop.data_version"] and float(version.tags["fid"]) == pytest.approx(reg["score"])
-    assert str(client.get_model_version_by_alias(cfg.register_.model_name, "challenger").version) == "1"
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.register_.model_name}@champion")
+    assert str(client.get_model_version_by_alias(cfg.registry.model_name, "challenger").version) == "1"
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     images = model.predict(pd.DataFrame({"n": [3], "seed": [5]}))
     assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
     again = model.predict(pd.DataFrame({"n": [3], "seed": [5]}))
@@ -131,10 +164,10 @@ def test_registering_the_same_weights_again_makes_no_new_version(pipeline):
     evaluate.run(cfg, ws)  # the generator on disk now (an earlier test resumed training)
     first = register.run(cfg, ws)
     client = MlflowClient()
-    before = {str(v.version) for v in client.search_model_versions(f"name = '{cfg.register_.model_name}'")}
+    before = {str(v.version) for v in client.search_model_versions(f"name = '{cfg.registry.model_name}'")}
     again = register.run(cfg, ws)
     assert again["reused"] is True and again["version"] == first["version"]
-    after = {str(v.version) for v in client.search_model_versions(f"name = '{cfg.register_.model_name}'")}
+    after = {str(v.version) for v in client.search_model_versions(f"name = '{cfg.registry.model_name}'")}
     assert after == before
     assert json.loads(ws.report("register").read_text())["reused"] is True
 
@@ -157,7 +190,7 @@ def test_a_worse_challenger_does_not_take_the_champion_alias(pipeline, tmp_path)
             return json.loads(ws.report("eval").read_text())
 
         client = MlflowClient()
-        name = cfg.register_.model_name
+        name = cfg.registry.model_name
         champion_before = str(client.get_model_version_by_alias(name, "champion").version)
         newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
         reg = register.run(cfg, ws)
@@ -206,8 +239,8 @@ def test_optimize_keeps_the_best_and_writes_scores(pipeline):
     assert scores["kept"].sum() == len(kept)
     # what was kept scores at least as well as every eligible image left out
     eligible = scores[~scores["near_copy"]]
-    if len(eligible) > len(kept):
-        assert eligible[eligible["kept"]]["score"].min() >= eligible[~eligible["kept"]]["score"].max()
+    assert len(eligible) > len(kept) == cfg.optimize.keep  # a real choice was made
+    assert eligible[eligible["kept"]]["score"].min() >= eligible[~eligible["kept"]]["score"].max()
 
 
 def test_optimize_drops_copies_of_training_images(pipeline):
@@ -217,6 +250,7 @@ def test_optimize_drops_copies_of_training_images(pipeline):
     manifest = pd.read_parquet(folder / "manifest.parquet")
     train_files = read_manifest(ws.manifest).query("split == 'train'")["file"].tolist()
     saved = {f: (folder / f).read_bytes() for f in manifest["file"][:5]}
+    before = pd.read_parquet(Path(optimize.run(cfg, ws)["folder"]) / "scores.parquet")
     try:
         for f, src in zip(manifest["file"][:5], train_files[:5], strict=True):
             (folder / f).write_bytes((ws.clean / src).read_bytes())
@@ -224,7 +258,8 @@ def test_optimize_drops_copies_of_training_images(pipeline):
         scores = pd.read_parquet(Path(out["folder"]) / "scores.parquet")
         copied = scores[scores["file"].isin(list(saved))]
         assert copied["near_copy"].all() and not copied["kept"].any()
-        assert out["near_copies_dropped"] >= 5
+        # the 5 copies, and whatever the untouched samples counted before
+        assert out["near_copies_dropped"] == 5 + before.loc[~before["file"].isin(list(saved)), "near_copy"].sum()
     finally:
         for f, data in saved.items():
             (folder / f).write_bytes(data)

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from genloop.core.config import load_params
 from genloop.core.workspace import Workspace
 from genloop.stages import clean, collect
-from tests.helpers import BIN, TINY, cli_env, run_cli
+from tests.helpers import BIN, TINY, cli_env, expected_steps, run_cli
 
 SETTINGS = [*TINY, "collect.dvc_add=false", "train.epochs=8", "train.checkpoint_every=10", "train.grid_size=10",
             "train.deterministic=true", "train.threads=1"]
@@ -63,7 +63,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(prepared: Path, t
 
     run_cli(train, killed, cli_env(killed))
     report = json.loads((killed / "reports" / "train.json").read_text())
+    cfg = load_params(None, SETTINGS)
+    assert report["steps"] == expected_steps(cfg, Workspace.at(killed))
+    # it resumed from a checkpoint it had written before the kill
     assert 0 < report["resumed_from_step"] < report["steps"]
+    assert report["resumed_from_step"] % cfg.train.checkpoint_every == 0
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
@@ -74,7 +78,8 @@ def test_two_gloo_processes_train_with_ddp_and_only_rank_0_writes(prepared: Path
     done = run_cli([str(BIN / "genloop"), "train", "--gpus", "2", "--set", "train.epochs=2"], ws, cli_env(ws),
                    timeout=600)
     report = json.loads((ws / "reports" / "train.json").read_text())
-    assert report["world_size"] == 2 and report["steps"] > 0
+    assert report["world_size"] == 2
+    assert report["steps"] == expected_steps(load_params(ws / "params.yaml", ["train.epochs=2"]), Workspace.at(ws), 2)
     assert json.loads(done.stdout[done.stdout.index("{"):])["world_size"] == 2
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("genloop")

@@ -83,7 +83,8 @@ def test_a_damaged_record_file_is_skipped_with_a_warning_not_fatal(tmp_path: Pat
     assert any("broken.json" in r.message for r in caplog.records)
 
 
-@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs", "a/b", "..", "x..y", "", "a\\b", "v1 000", "é"])
+@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs", "a/b", "..", "x..y", "", "a\\b", "v1 000", "é",
+                                 "v1-000000\n"])
 def test_image_ids_that_could_escape_a_folder_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="image id"):
         record(bad)
