@@ -246,7 +246,7 @@ def test_dvc_add_tracks_data_raw_in_top_level_data_dvc(tmp_path: Path) -> None:
         text=True,
         check=True,
     )
-    assert status.stdout.strip() in ("{}", "")
+    assert status.stdout.strip() == "{}"
 
 
 def test_dvc_add_outside_a_dvc_repo_says_what_to_do(tmp_path: Path) -> None:

@@ -164,8 +164,10 @@ def dump_mlflow(scan: SecretScan, tracking_uri: str, dst: Path) -> None:
         for version in client.search_model_versions(f"name = '{model.name}'"):
             scan.add("mlflow", f"{model.name} v{version.version}", _json(dict(version)))
             folder = dst / "models" / model.name / str(version.version)
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.name}/{version.version}",
-                                                dst_path=str(folder), tracking_uri=tracking_uri)
+            # the version's own artifact location: a models:/ URI would be resolved against the
+            # process-wide registry URI, whatever another test set it to
+            source = client.get_model_version_download_uri(model.name, version.version)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=tracking_uri)
             scan.add_tree("mlflow", folder)
 
 

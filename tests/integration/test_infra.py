@@ -392,7 +392,7 @@ def test_compose_urls_name_services_of_the_file_and_their_ports(compose):
     urls = [(name, var, value) for name, svc in services.items()
             for var, value in svc.get("environment", {}).items()
             if isinstance(value, str) and re.match(r"^[a-z0-9+]+://", value)]
-    checked = 0
+    checked = []
     for name, var, value in urls:
         m = re.match(r"^[a-z0-9+]+://(?:[^@/]*@)?([^:/]+)(?::(\d+))?", value)
         host, port = m.group(1), m.group(2)
@@ -401,8 +401,12 @@ def test_compose_urls_name_services_of_the_file_and_their_ports(compose):
         assert host in services, f"{name}.{var}={value}: no service {host!r}"
         listens = _published(services[host]) | _command_port(services[host])
         assert port and int(port) in listens, f"{name}.{var}={value}: {host} listens on {listens}"
-        checked += 1
-    assert checked >= 8
+        checked.append((name, var))
+    # every URL between services: the databases, the object store, and each worker's three servers
+    workers = [(w, var) for w in WORKERS for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                                                       "GENLOOP_S3_ENDPOINT_URL")]
+    assert sorted(checked) == sorted([("mlflow", "MLFLOW_BACKEND_STORE_URI"), ("mlflow", "MLFLOW_S3_ENDPOINT_URL"),
+                                      ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL"), *workers])
 
 
 def test_no_secret_is_written_in_the_compose_file():
