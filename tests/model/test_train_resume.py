@@ -17,6 +17,13 @@ SETTINGS = [*TINY, "collect.dvc_add=false", "train.checkpoint_every=1000", "trai
             "train.threads=1"]
 
 
+@pytest.fixture(autouse=True)
+def _local_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Track into the workspace's own store: another test in this worker may have exported a server URI."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def _params(epochs: int):
     return load_params(None, [*SETTINGS, f"train.epochs={epochs}"])
 
