@@ -19,7 +19,7 @@ from genloop.core.config import Params, load_params
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import read_manifest
 from genloop.core.workspace import Workspace
-from genloop.eval.extractors import _inception_unavailable
+from genloop.eval.extractors import _inception_unavailable, inception_weights_path
 from genloop.models import load_generator
 from genloop.stages import clean, collect, evaluate, generate, optimize, register, train, validate
 from tests.helpers import TINY, expected_extractor, expected_steps
@@ -88,17 +88,21 @@ def unlabelled(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Work
 
 @pytest.mark.parametrize("data", ["labelled", "unlabelled"])
 def test_evaluate_names_its_extractor_and_sample_counts(data, request):
-    """The extractor is the one genloop picks for the data: with no Inception weights here, the
-    in-domain classifier for labelled digits, the autoencoder for the same digits without labels."""
+    """The extractor is the one genloop picks for the data: Inception where its weights are on this
+    machine, else the in-domain classifier for labelled digits and the autoencoder for the same
+    digits without labels; the report says why."""
     ws, cfg, _ = request.getfixturevalue("pipeline" if data == "labelled" else "unlabelled")
     report = json.loads(ws.report("eval").read_text())
     manifest = read_manifest(ws.manifest)
     assert manifest["label"].notna().all() if data == "labelled" else manifest["label"].isna().all()
+    no_inception = _inception_unavailable(cfg)  # why Inception cannot be used here (None: it can)
     expected = expected_extractor(cfg, ws)
+    assert expected == ("inception-v3" if no_inception is None else
+                        {"labelled": "domain-classifier", "unlabelled": "domain-autoencoder"}[data])
     assert report["extractor"]["name"] == expected
-    if expected != "inception-v3":
-        assert expected == {"labelled": "domain-classifier", "unlabelled": "domain-autoencoder"}[data]
-        assert report["extractor"]["why"] == f"auto: {_inception_unavailable(cfg)}"  # why not Inception
+    assert report["extractor"]["why"] == (f"auto: {no_inception}" if no_inception else
+                                          f"evaluate.extractor=auto: standard Inception weights found at "
+                                          f"{inception_weights_path(cfg)}")
     # an autoencoder has no classes: no Inception Score from it
     assert (report["inception_score"] is None) == (expected == "domain-autoencoder")
     assert report["n_real"] == (manifest["split"] == "holdout").sum()
