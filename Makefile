@@ -11,6 +11,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
+# Debian's fonts-noto-color-emoji: the colour test corpus (bench/build_emoji_corpus.py)
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 
 .PHONY: install install-dev run test test-integration lint lock clean-workspace services services-down services-status deploy
 
@@ -43,10 +45,13 @@ run: install  ## collect the built-in corpus and run the whole loop (Prefect flo
 	$(BIN)/genloop loop
 
 test: install-dev  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
-	@# the review page's browser test drives Debian's chromium (Playwright cannot download browsers offline)
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	  || echo "chromium unavailable: the browser test will be skipped"
+	@# Debian packages the tests use: the review page's browser test drives chromium (Playwright cannot
+	@# download browsers offline); the colour-corpus tests render Noto Color Emoji (tests/colour_corpus.py)
+	@missing=$$(echo $$(command -v chromium >/dev/null 2>&1 || echo chromium) \
+	  $$([ -f $(EMOJI_FONT) ] || echo fonts-noto-color-emoji)); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	  || echo "$$missing unavailable: the tests that need it will be skipped"
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers, one test file each: the servers mostly wait
 
 test-integration: install-dev  ## only the tests against real servers (services, deployments, S3, failures)
