@@ -92,6 +92,37 @@ for _name in ORDER:
         _make_stage_command(_name)
 
 
+@app.command("score")
+def score_folder(
+    folder: Annotated[Path, typer.Argument(help="a folder of images (searched recursively): png, jpg, webp, ...")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report file [default: reports/score.json].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workspace: WorkspaceOpt = Path("."),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Judge any folder of images (another tool's output, a real set, an older batch) with the
+    evaluation's judges against the current data version: FID, KID, C2ST, precision/recall,
+    where each sits on the calibration ladder, and memorisation. Trains nothing; needs
+    `genloop clean` to have run. Each image is normalised exactly as clean does."""
+    from genloop.core import logs
+    from genloop.core.config import load_params
+    from genloop.core.errors import GenloopError
+    from genloop.core.workspace import Workspace
+    from genloop.stages import score
+
+    logs.setup(verbose)
+    try:
+        report = score.run(load_params(params, set_ or []), Workspace.at(workspace), folder, out)
+    except GenloopError as exc:
+        fail(exc)
+        raise  # unreachable: fail exits
+    keys = ("n_images", "fid", "fid_real_floor", "c2st_auc", "c2st_auc_low", "c2st_auc_high", "precision", "recall",
+            "coverage", "curation_score", "readable")
+    typer.echo(json.dumps({k: report.get(k) for k in keys} | {"rejected": len(report["rejected"]),
+                                                              "report": str(out or "reports/score.json")}, indent=2))
+
+
 @app.command()
 def loop(
     params: ParamsOpt = Path("params.yaml"),

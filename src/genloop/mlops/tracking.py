@@ -406,6 +406,13 @@ def log_json(obj: dict[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(redact_obj(obj), artifact_file)
 
 
+def log_table(frame: Any, artifact_file: str) -> None:
+    """A pandas table, browsable in the MLflow UI's evaluation view."""
+    import mlflow
+
+    mlflow.log_table(frame, artifact_file)
+
+
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 

@@ -22,12 +22,16 @@ import pandas as pd
 import torch
 
 from genloop.core.config import Params
+from genloop.core.dataset import ImageSet
 from genloop.core.grids import make_grid
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, read_json, sha256_file, write_json_atomic
 from genloop.core.workspace import Workspace
+from genloop.eval import calibration, calibration_report
+from genloop.eval.calibration import Calibration
 from genloop.eval.extractors import Extractor, get_extractor
-from genloop.eval.generator_eval import GeneratorEval, evaluate_generator
+from genloop.eval.generator_eval import GeneratorEval, asked_classes, evaluate_generator
+from genloop.eval.realism import RealismScorer
 from genloop.eval.reference import Reference, load_reference
 from genloop.mlops import tracking
 from genloop.models import load_generator, sample
@@ -39,7 +43,7 @@ HISTORY_COLUMNS = ["iteration", "time", "data_version", "generator", "extractor"
 HISTORY_METRICS = ("fid", "kid_mean", "inception_score", "precision", "recall", "memorised_share")
 
 
-def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
@@ -77,7 +81,7 @@ def closest_pairs_grid(result: GeneratorEval, train_images: torch.Tensor, pairs:
     return make_grid(tiles.permute(0, 2, 3, 1).numpy(), columns=2, scale=3)
 
 
-def _memorisation_summary(cfg: Params, result: GeneratorEval, ref: Reference) -> dict[str, Any]:
+def memorisation_summary(cfg: Params, result: GeneratorEval, ref: Reference) -> dict[str, Any]:
     mem = result.memorisation
     return {
         "novelty_unit": round(ref.novelty_unit, 6),
@@ -101,16 +105,36 @@ def _report(cfg: Params, ws: Workspace, result: GeneratorEval, ref: Reference, e
         "n_real": len(ref.holdout),
         "n_fake": len(result.features),
         "seed": cfg.evaluate.seed,
-        **_rounded(result.metrics),
+        **rounded(result.metrics),
         "fid_real_floor": round(ref.floor["fid"], 6),
         "kid_real_floor": round(ref.floor["kid_mean"], 6),
-        "memorisation": _memorisation_summary(cfg, result, ref),
+        "memorisation": memorisation_summary(cfg, result, ref),
         "seconds": round(seconds, 3),
     }
 
 
+def curation_score(cfg: Params, ref: Reference, features: torch.Tensor) -> float:
+    """The mean curation score (optimize's realism percentile) of a set of features."""
+    return float(RealismScorer(ref.train, ref.holdout, k=cfg.evaluate.pr_neighbourhood)(features).mean())
+
+
+def calibrate(cfg: Params, ws: Workspace, extractor: Extractor, ref: Reference, train_set: ImageSet,
+               metrics: dict[str, Any]) -> tuple[Calibration | None, dict[str, Any]]:
+    """The ladder (cached per data version and extractor), the gate's metric, and where this
+    evaluation sits on the ladder: the part of eval.json that makes the numbers readable."""
+    cal = (calibration.load_or_compute(cfg, ws, extractor, ref, train_set)
+           if cfg.evaluate.calibration.enabled else None)
+    name, why = calibration.choose_gate_metric(cfg, cal)
+    out: dict[str, Any] = {"gate_metric": {"name": name, "why": why}}
+    if cal is not None:
+        out["calibration"] = calibration_report.write(cal, (name, why), ws.reports, train_set.images)
+        out["ladder_position"] = calibration_report.positions(cal, metrics)
+        out["readable"] = calibration_report.readable(cal, metrics, name)
+    return cal, out
+
+
 def _log_run(ws: Workspace, cfg: Params, report: dict[str, Any], result: GeneratorEval, ref: Reference,
-             extractor: Extractor, history: pd.DataFrame, grids: dict[str, Any]) -> str:
+             extractor: Extractor, history: pd.DataFrame, grids: dict[str, Any], cal: Calibration | None) -> str:
     """The evaluate run in MLflow: metrics, the curves across iterations, tags, grids; its run id."""
     with tracking.stage_run(ws, cfg, "evaluate") as run:
         tracking.log_metrics({k: v for k, v in result.metrics.items() if v is not None} | {
@@ -124,6 +148,9 @@ def _log_run(ws: Workspace, cfg: Params, report: dict[str, Any], result: Generat
         for name, grid in grids.items():
             tracking.log_image(grid, f"eval/{name}.png")
         tracking.log_artifact(ws.reports / "memorisation.csv", "eval")
+        if cal is not None:
+            calibration_report.log(cal, ws.reports)
+            tracking.tag_run({"genloop.readable": " | ".join(report["readable"])[:4000]})
         tracking.log_json(report, "eval/eval.json")
         return run.info.run_id
 
@@ -136,8 +163,11 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     generator_sha = sha256_file(ws.generator)
     started = time.perf_counter()
     result = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), generator_sha,
-                                extractor, ref)
+                                extractor, ref, asked=lambda n: asked_classes(spec, n))
+    metrics = dict(result.metrics) | {"curation_score": curation_score(cfg, ref, result.features)}
+    cal, readable = calibrate(cfg, ws, extractor, ref, train_set, metrics)
     report = _report(cfg, ws, result, ref, extractor, generator_sha, time.perf_counter() - started)
+    report |= {"curation_score": round(metrics["curation_score"], 6)} | readable
     mem = result.memorisation
     with atomic_path(ws.reports / "memorisation.csv") as tmp:
         _memorisation_table(result, ref.train_ids).to_csv(tmp, index=False)
@@ -149,14 +179,17 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     grids = {"samples": make_grid(result.images[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None,
                                   scale=2),
              "closest_to_training": closest_pairs_grid(result, train_set.images)}
-    report["run_id"] = _log_run(ws, cfg, report, result, ref, extractor, history, grids)
+    report["run_id"] = _log_run(ws, cfg, report, result, ref, extractor, history, grids, cal)
     with atomic_path(ws.reports / "eval_samples.png") as tmp:
         grids["samples"].save(tmp, format="PNG")
     write_json_atomic(ws.report("eval"), report)
     log.info("evaluate: FID %.3f (floor %.3f), KID %.4f±%.4f, precision %.3f, recall %.3f, memorised %.1f%% with %s",
              result.metrics["fid"], ref.floor["fid"], result.metrics["kid_mean"], result.metrics["kid_std"],
              result.metrics["precision"], result.metrics["recall"], 100 * mem.share, extractor.kind)
+    for line in report.get("readable", []):
+        log.info("evaluate: %s", line)
     keys = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "fid_real_floor", "n_real",
             "n_fake")
     return {k: report[k] for k in keys} | {"memorised_share": report["memorisation"]["share_below_threshold"],
-                                          "extractor": extractor.kind}
+                                          "extractor": extractor.kind, "gate_metric": report["gate_metric"]["name"],
+                                          "readable": report.get("readable", [])}

@@ -33,10 +33,11 @@ from genloop.core.grids import side_by_side
 from genloop.core.provenance import data_version, git_commit
 from genloop.core.storage import atomic_outputs, read_json, sha256_file
 from genloop.core.workspace import Workspace
+from genloop.eval import calibration
 from genloop.eval import gate as gate_mod
 from genloop.eval.extractors import get_extractor
 from genloop.eval.gate import WEIGHTS_TAG
-from genloop.eval.generator_eval import evaluate_generator
+from genloop.eval.generator_eval import asked_classes, evaluate_generator
 from genloop.eval.reference import load_reference
 from genloop.mlops import aliases, tracking
 from genloop.models import GeneratorSpec, load_generator, sample
@@ -44,7 +45,8 @@ from genloop.models import GeneratorSpec, load_generator, sample
 log = logging.getLogger(__name__)
 # logged as MLflow "models from code"; found without importing it (importing runs set_model)
 PYFUNC_CODE = Path(str(importlib.util.find_spec("genloop.mlops.pyfunc").origin))
-TAGGED_METRICS = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall")
+TAGGED_METRICS = ("fid", "kid_mean", "kid_std", "inception_score", "precision", "recall", "coverage", "c2st_auc",
+                  "class_consistency")
 REGISTRATION_TAG = "genloop.registration"  # pending (aliases not yet set) | complete | duplicate of <v>
 
 
@@ -120,27 +122,29 @@ def _already_registered(ws: Workspace, name: str, version: str, metric: str, sco
     return summary
 
 
-def _run_gate(cfg: Params, ws: Workspace, name: str) -> tuple[dict[str, Any], Any | None]:
-    """Score the challenger and the champion on equal terms and decide; returns the gate
-    report and the champion-vs-challenger grid (None without a champion)."""
+def _run_gate(cfg: Params, ws: Workspace, name: str, metric: tuple[str, str]) -> tuple[dict[str, Any], Any | None]:
+    """Score the challenger and the champion on equal terms and decide on `metric` (name, why);
+    returns the gate report and the champion-vs-challenger grid (None without a champion)."""
     extractor = get_extractor(cfg, ws)
-    ref, _ = load_reference(cfg, ws, extractor)
+    ref, train_set = load_reference(cfg, ws, extractor)
+    cal = (calibration.load_or_compute(cfg, ws, extractor, ref, train_set)
+           if cfg.evaluate.calibration.enabled else None)
     generator, spec = load_generator(ws.generator)
     challenger = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed),
-                                    sha256_file(ws.generator), extractor, ref)
+                                    sha256_file(ws.generator), extractor, ref, asked=lambda n: asked_classes(spec, n))
     champion_version = aliases.champion_version(name)
     champion = how = comparison = grid = None
     if champion_version is not None:
         champion, how = gate_mod.evaluate_champion(cfg, ws, name, champion_version, extractor, ref)
         g = cfg.registry.gate
         comparison = gate_mod.paired_bootstrap(
-            cfg.registry.metric, ref.holdout, challenger.features, champion.features, resamples=g.bootstrap,
-            confidence=g.confidence, seed=g.seed, kid_subset=cfg.evaluate.kid_subset_size)
+            metric[0], ref.holdout, challenger.features, champion.features, resamples=g.bootstrap,
+            confidence=g.confidence, seed=g.seed, kid_subset=cfg.evaluate.kid_subset_size, bank=ref.train)
         grid = side_by_side(champion.images[:40], challenger.images[:40], columns=spec.num_classes or 8,
                             captions=(f"champion v{champion_version}", "challenger"))
-    passed, reason = gate_mod.decide(cfg, challenger, comparison)
+    passed, reason = gate_mod.decide(cfg, challenger, comparison, champion, cal.noise if cal else None)
     report = gate_mod.gate_report(cfg, challenger, champion, champion_version, how, comparison, passed, reason,
-                                  extractor, ref)
+                                  extractor, ref, metric)
     log.info("gate: %s (%s)", "passed" if passed else "not passed", reason)
     return report, grid
 
@@ -158,11 +162,12 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         raise StageInputMissing("reports/eval.json is about another generator: rerun `genloop evaluate`")
     spec = GeneratorSpec.from_json(ws.generator.with_suffix(".json").read_text())
     name = cfg.registry.model_name
-    metric = cfg.registry.metric
+    chosen = evaluation.get("gate_metric") or {}
+    metric = chosen.get("name") or calibration.choose_gate_metric(cfg, None)[0]
     score = float(evaluation[metric])
     tracking.configure(ws, cfg)
     with tracking.server_errors(ws, f"registering model {name!r}"):
-        return _register(cfg, ws, evaluation, spec, name, metric, score)
+        return _register(cfg, ws, evaluation, spec, name, (metric, chosen.get("why", "")), score)
 
 
 def _set_aliases(name: str, version: str, promote: bool, reason: str) -> None:
@@ -239,7 +244,8 @@ def _summary(ws: Workspace, gate: dict[str, Any], name: str, version: str, metri
 
 
 def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: GeneratorSpec, name: str,
-              metric: str, score: float) -> dict[str, Any]:
+              chosen: tuple[str, str], score: float) -> dict[str, Any]:
+    metric = chosen[0]
     versions = tracking.find_versions(name, WEIGHTS_TAG, evaluation["generator_sha256"])
     done = [v for v in versions if v.tags.get(REGISTRATION_TAG, "complete") == "complete"]
     pending = [v for v in versions if v.tags.get(REGISTRATION_TAG) == "pending"]
@@ -249,7 +255,7 @@ def _register(cfg: Params, ws: Workspace, evaluation: dict[str, Any], spec: Gene
         return _already_registered(ws, name, str(done[-1].version), metric, score)
     if pending:
         return _resume(ws, name, pending, metric, score)
-    gate, comparison_grid = _run_gate(cfg, ws, name)
+    gate, comparison_grid = _run_gate(cfg, ws, name, chosen)
     promote = gate["passed"]
     with tracking.stage_run(ws, cfg, "register") as run:
         info = log_generator(ws, spec)  # the files first: a version is only ever created from uploaded files
