@@ -79,16 +79,19 @@ def make_workspace(ws: Path, overrides: list[str] = TINY) -> Path:
 
 def expected_extractor(cfg, ws) -> str:
     """The feature extractor evaluation must choose for this workspace's data and these params
-    (the rule of genloop.eval.extractors): Inception where evaluate.extractor allows it and its
-    weights and torch-fidelity are here; else the in-domain one, a classifier when every training
-    image has a label and an autoencoder when not."""
+    (the rule of genloop.eval.extractors): with evaluate.extractor=auto the first of DINOv2, CLIP and
+    Inception whose weights (and library) are here; else the in-domain one, a classifier trained
+    jointly with the contrastive loss when every training image has a label, and the contrastive
+    extractor alone when not."""
     from genloop.core.manifest import read_manifest
-    from genloop.eval.extractors import _inception_unavailable
+    from genloop.eval.extractors import standard_unavailable
 
-    if cfg.evaluate.extractor != "domain" and _inception_unavailable(cfg) is None:
-        return "inception-v3"
+    choice = cfg.evaluate.extractor
+    for kind in ("dinov2", "clip", "inception") if choice == "auto" else (choice,):
+        if kind != "domain" and standard_unavailable(cfg, kind) is None:
+            return "inception-v3" if kind == "inception" else kind
     train = read_manifest(ws.manifest).query("split == 'train'")
-    return "domain-classifier" if len(train) and train["label"].notna().all() else "domain-autoencoder"
+    return "domain-classifier" if len(train) and train["label"].notna().all() else "domain-contrastive"
 
 
 def expected_steps(cfg, ws, world_size: int = 1) -> int:

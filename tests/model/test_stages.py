@@ -19,7 +19,7 @@ from genloop.core.config import Params, load_params
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import read_manifest
 from genloop.core.workspace import Workspace
-from genloop.eval.extractors import _inception_unavailable, inception_weights_path
+from genloop.eval.extractors import inception_weights_path, standard_unavailable
 from genloop.models import load_generator
 from genloop.stages import clean, collect, evaluate, generate, optimize, register, train, validate
 from tests.helpers import TINY, expected_extractor, expected_steps
@@ -88,23 +88,26 @@ def unlabelled(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Work
 
 @pytest.mark.parametrize("data", ["labelled", "unlabelled"])
 def test_evaluate_names_its_extractor_and_sample_counts(data, request):
-    """The extractor is the one genloop picks for the data: Inception where its weights are on this
-    machine, else the in-domain classifier for labelled digits and the autoencoder for the same
-    digits without labels; the report says why."""
+    """The extractor is the one genloop picks for the data: a standard one (DINOv2, CLIP, Inception)
+    where its weights are on this machine, else the in-domain classifier for labelled digits and the
+    contrastive extractor for the same digits without labels; the report says why."""
     ws, cfg, _ = request.getfixturevalue("pipeline" if data == "labelled" else "unlabelled")
     report = json.loads(ws.report("eval").read_text())
     manifest = read_manifest(ws.manifest)
     assert manifest["label"].notna().all() if data == "labelled" else manifest["label"].isna().all()
-    no_inception = _inception_unavailable(cfg)  # why Inception cannot be used here (None: it can)
+    # why DINOv2, CLIP and Inception cannot be used here (None: it can); TINY sets no DINOv2/CLIP weights
+    why_not = {kind: standard_unavailable(cfg, kind) for kind in ("dinov2", "clip", "inception")}
+    assert why_not["dinov2"] and why_not["clip"]
     expected = expected_extractor(cfg, ws)
-    assert expected == ("inception-v3" if no_inception is None else
-                        {"labelled": "domain-classifier", "unlabelled": "domain-autoencoder"}[data])
+    assert expected == ("inception-v3" if why_not["inception"] is None else
+                        {"labelled": "domain-classifier", "unlabelled": "domain-contrastive"}[data])
     assert report["extractor"]["name"] == expected
-    assert report["extractor"]["why"] == (f"auto: {no_inception}" if no_inception else
-                                          f"evaluate.extractor=auto: standard Inception weights found at "
-                                          f"{inception_weights_path(cfg)}")
-    # an autoencoder has no classes: no Inception Score from it
-    assert (report["inception_score"] is None) == (expected == "domain-autoencoder")
+    assert report["extractor"]["why"] == (
+        f"auto: {why_not['dinov2']}; {why_not['clip']}; {why_not['inception']}" if why_not["inception"] else
+        f"evaluate.extractor=auto: standard Inception weights found at {inception_weights_path(cfg)}; "
+        f"{why_not['dinov2']}; {why_not['clip']}")
+    # only a classifier has class logits: no Inception Score from the contrastive extractor
+    assert (report["inception_score"] is None) == (expected == "domain-contrastive")
     assert report["n_real"] == (manifest["split"] == "holdout").sum()
     assert report["n_fake"] == cfg.evaluate.n_samples
     # one epoch of a tiny model is far from the data; real training images are close to it
@@ -245,6 +248,11 @@ def test_optimize_keeps_the_best_and_writes_scores(pipeline):
     eligible = scores[~scores["near_copy"]]
     assert len(eligible) > len(kept) == cfg.optimize.keep  # a real choice was made
     assert eligible[eligible["kept"]]["score"].min() >= eligible[~eligible["kept"]]["score"].max()
+    # realism is a percentile of unseen real images; the report gives its spread, meaning and agreement
+    assert scores["realism"].between(0, 1).all()
+    q1, q3 = scores["realism"].quantile([0.25, 0.75])
+    assert opt["realism_spread"] == pytest.approx(q3 - q1, abs=1e-5)
+    assert "percentile" in opt["realism_definition"] and opt["agreement"]["versions"] == {}  # no reviews yet
 
 
 def test_optimize_drops_copies_of_training_images(pipeline):

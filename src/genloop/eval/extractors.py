@@ -1,12 +1,16 @@
 """Feature extractors for evaluation and curation, and nearest-neighbour distances.
 
-Standard Inception features (torchmetrics' port of torch-fidelity's InceptionV3) are used
-when their weights are on disk (`evaluate.inception_weights`, or torch-fidelity's file in
-the torch hub cache) and torch-fidelity is installed. Otherwise genloop trains its own
-in-domain extractor on the clean train split: a small CNN classifier when every image has a
-label, else a convolutional autoencoder. It is cached by data version, so statistics from
-one data version are never reused for another. Every extractor has a `fingerprint` (the
-hash of its weights) that keys cached statistics.
+Standard pretrained features are used when their weights are on disk, in this order of
+preference: DINOv2 (FD-DINOv2) and CLIP's vision tower from local Hugging Face directories
+(`evaluate.dinov2_weights`, `evaluate.clip_weights`; see eval/pretrained.py), then Inception
+(torchmetrics' port of torch-fidelity's InceptionV3; `evaluate.inception_weights`, or
+torch-fidelity's file in the torch hub cache). Otherwise genloop trains its own in-domain
+extractor on the clean train split: a small CNN trained with SimCLR's contrastive loss on two
+views of each image (eval/contrastive.py), plus a class head trained jointly when every image
+has a label. The contrastive loss makes the features carry within-class variation, so that a
+set which lost its diversity moves FID, not only one that lost sharpness. It is cached by data
+version, so statistics from one data version are never reused for another. Every extractor has
+a `fingerprint` (the hash of its weights) that keys cached statistics.
 """
 
 from __future__ import annotations
@@ -28,19 +32,25 @@ from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
+from genloop.eval.contrastive import nt_xent, view
+from genloop.eval.pretrained import PretrainedExtractor, pretrained_unavailable, weights_dir
 from genloop.models import load_torch_file
 
 log = logging.getLogger(__name__)
 
 
+RECIPE = "contrastive-v1"  # part of the cache key: weights trained another way are never reused
+
+
 class DomainExtractor(nn.Module):
-    """A small CNN: 128-d features; a classifier head, or a decoder when there are no labels.
+    """A small CNN: 128-d features, a SimCLR projection head, and a class head when there are labels.
 
     Takes images as float in [0, 1] (N, C, H, W), as torchmetrics passes them with
     normalize=True.
     """
 
     num_features = 128
+    projection = 64
 
     def __init__(self, channels: int, resolution: int, num_classes: int):
         super().__init__()
@@ -51,16 +61,14 @@ class DomainExtractor(nn.Module):
             nn.Conv2d(64, 128, 3, 1, 1), nn.ReLU(True), nn.AdaptiveAvgPool2d(4),
             nn.Flatten(), nn.Linear(128 * 16, self.num_features), nn.ReLU(True),
         )
-        if num_classes:
-            self.head: nn.Module = nn.Linear(self.num_features, num_classes)
-        else:
-            side = resolution // 4
-            self.head = nn.Sequential(
-                nn.Linear(self.num_features, 64 * side * side), nn.ReLU(True),
-                nn.Unflatten(1, (64, side, side)),
-                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),
-                nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Tanh(),
-            )
+        self.projector = nn.Sequential(  # SimCLR's g(): the loss acts on its output, features come before it
+            nn.Linear(self.num_features, self.num_features), nn.BatchNorm1d(self.num_features), nn.ReLU(True),
+            nn.Linear(self.num_features, self.projection),
+        )
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else None
+        # the training features' mean and spread: realism of unlabelled images is how typical their features are
+        self.register_buffer("feat_mean", torch.zeros(self.num_features))
+        self.register_buffer("feat_std", torch.ones(self.num_features))
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -80,16 +88,17 @@ class DomainExtractor(nn.Module):
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features and, for the classifier, its class logits (for the Inception Score)."""
         h = self.features(x)
-        return h, (self.head(h) if self.num_classes else None)
+        return h, (self.head(h) if self.head is not None else None)
 
     @torch.no_grad()
     def realism(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image score in [0, 1]: classifier confidence, or reconstruction quality."""
+        """Per-image score in [0, 1]: classifier confidence, or how typical the features are of the
+        training images (exp(-z^2 / 2) of their mean squared z-score) when there are no labels."""
         h = self.features(x)
-        if self.num_classes:
+        if self.head is not None:
             return F.softmax(self.head(h), dim=1).max(dim=1).values
-        err = (self.head(h) - self._prep(x)).pow(2).flatten(1).mean(1)
-        return torch.exp(-err / 0.05)
+        z = (h - self.feat_mean) / self.feat_std
+        return torch.exp(-0.5 * z.pow(2).mean(dim=1))
 
 
 class InceptionExtractor(nn.Module):
@@ -123,8 +132,8 @@ class InceptionExtractor(nn.Module):
 
 @dataclass(frozen=True)
 class Extractor:
-    module: DomainExtractor | InceptionExtractor
-    kind: str  # "inception-v3" | "domain-classifier" | "domain-autoencoder"
+    module: DomainExtractor | InceptionExtractor | PretrainedExtractor
+    kind: str  # "dinov2" | "clip" | "inception-v3" | "domain-classifier" | "domain-contrastive"
     path: Path
     data_version: str
     accuracy: float | None
@@ -165,7 +174,29 @@ def _inception_unavailable(cfg: Params) -> str | None:
     return None
 
 
+def _loss(module: DomainExtractor, x: torch.Tensor, y: torch.Tensor | None,
+          gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """NT-Xent on two views of the batch, plus cross-entropy on both views when there are labels;
+    and how many views the class head got right."""
+    h = module.features(torch.cat([view(x, gen), view(x, gen)]))
+    z = module.projector(h)
+    loss = nt_xent(z[: len(x)], z[len(x):])
+    if module.head is None or y is None:
+        return loss, 0
+    logits, y2 = module.head(h), y.repeat(2)
+    return loss + F.cross_entropy(logits, y2), int((logits.argmax(1) == y2).sum())
+
+
+@torch.no_grad()
+def _set_feature_stats(module: DomainExtractor, images: torch.Tensor) -> None:
+    module.eval()
+    feats = embed(module, images)
+    module.feat_mean.copy_(feats.mean(0))
+    module.feat_std.copy_(feats.std(0).clamp_min(1e-4))
+
+
 def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> float | None:
+    """Train on the clean split; the class head's accuracy on the last epoch's views (None without labels)."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(module.parameters(), lr=2e-3)
     n, batch = len(data), 128
@@ -178,23 +209,17 @@ def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> flo
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n, batch):
                 idx = perm[i : i + batch]
-                x = data.images[idx].float() / 255.0
-                h = module.features(x)
-                if module.num_classes:
-                    assert data.labels is not None
-                    logits = module.head(h)
-                    y = data.labels[idx]
-                    loss = F.cross_entropy(logits, y)
-                    if epoch == epochs - 1:
-                        correct += int((logits.argmax(1) == y).sum())
-                        seen += len(idx)
-                else:
-                    loss = F.mse_loss(module.head(h), module._prep(x))
+                if len(idx) < 2:  # NT-Xent needs another image to contrast with
+                    continue
+                y = data.labels[idx] if data.labels is not None else None
+                loss, right = _loss(module, data.images[idx].float() / 255.0, y, gen)
+                if epoch == epochs - 1 and module.head is not None:
+                    correct, seen = correct + right, seen + 2 * len(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 bar.advance(loss=loss.item())
-    module.eval()
+    _set_feature_stats(module, data.images)
     return correct / seen if seen else None
 
 
@@ -205,11 +230,11 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
     channels = data.images.shape[1]
     key = sha256_bytes(
         f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{cfg.data.mode}|"
-        f"{cfg.evaluate.extractor_epochs}|{data.classes}".encode()
+        f"{cfg.evaluate.extractor_epochs}|{data.classes}|{RECIPE}".encode()
     )[:16]
     path = ws.cache / "extractors" / f"{key}.pt"
     module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
-    kind = "domain-classifier" if data.classes else "domain-autoencoder"
+    kind = "domain-classifier" if data.classes else "domain-contrastive"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         fix = "Delete it; the next evaluation retrains the extractor."
@@ -232,23 +257,44 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
     return Extractor(module, kind, path, version, accuracy, reason, sha256_file(path)[:16])
 
 
+STANDARD = ("dinov2", "clip", "inception")  # evaluate.extractor=auto's order of preference
+NAMES = {"dinov2": "DINOv2", "clip": "CLIP", "inception": "Inception"}
+
+
+def standard_unavailable(cfg: Params, kind: str) -> str | None:
+    """Why a standard pretrained extractor ("dinov2", "clip", "inception") cannot be used (None: it can)."""
+    return _inception_unavailable(cfg) if kind == "inception" else pretrained_unavailable(cfg, kind)
+
+
+def _standard(cfg: Params, ws: Workspace, kind: str, reason: str) -> Extractor:
+    if kind == "inception":
+        path = inception_weights_path(cfg)
+        return Extractor(InceptionExtractor(path), "inception-v3", path, data_version(ws), None, reason,
+                         sha256_file(path)[:16])
+    path = weights_dir(cfg, kind)
+    module = PretrainedExtractor(kind, path)
+    return Extractor(module, kind, path, data_version(ws), None, reason, module.fingerprint)
+
+
 def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
-    """The evaluation extractor: Inception when allowed and its weights are local, else in-domain."""
+    """The evaluation extractor: the chosen standard one, or with "auto" the first of DINOv2, CLIP and
+    Inception whose weights are local, else the in-domain one; `reason` says why."""
     choice = cfg.evaluate.extractor
     if choice == "domain":
         return domain_extractor(cfg, ws)
-    unavailable = _inception_unavailable(cfg)
-    if unavailable is None:
-        path = inception_weights_path(cfg)
-        module = InceptionExtractor(path)
-        reason = f"evaluate.extractor={choice}: standard Inception weights found at {path}"
-        return Extractor(module, "inception-v3", path, data_version(ws), None, reason, sha256_file(path)[:16])
-    if choice == "inception":
-        raise ConfigError(
-            f"evaluate.extractor=inception but {unavailable}; "
-            "use evaluate.extractor=auto to fall back to the in-domain extractor"
-        )
-    return domain_extractor(cfg, ws, reason=f"auto: {unavailable}")
+    why_not: list[str] = []
+    for kind in STANDARD if choice == "auto" else (choice,):
+        missing = standard_unavailable(cfg, kind)
+        if missing is None:
+            path = inception_weights_path(cfg) if kind == "inception" else weights_dir(cfg, kind)
+            reason = "; ".join([f"evaluate.extractor={choice}: standard {NAMES[kind]} weights found at {path}",
+                                *why_not])
+            return _standard(cfg, ws, kind, reason)
+        why_not.append(missing)
+    if choice != "auto":
+        raise ConfigError(f"evaluate.extractor={choice} but {why_not[0]}; "
+                          "use evaluate.extractor=auto to fall back to the in-domain extractor")
+    return domain_extractor(cfg, ws, reason="auto: " + "; ".join(why_not))
 
 
 @torch.no_grad()
@@ -295,5 +341,6 @@ def to_nchw_uint8(nhwc: torch.Tensor | object) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-__all__ = ["Extractor", "DomainExtractor", "InceptionExtractor", "get_extractor", "domain_extractor", "embed",
+__all__ = ["Extractor", "DomainExtractor", "InceptionExtractor", "PretrainedExtractor", "get_extractor",
+           "domain_extractor", "standard_unavailable", "embed",
            "embed_with_logits", "nearest", "novelty_scale", "to_nchw_uint8", "to_unit"]
