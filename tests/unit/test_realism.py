@@ -46,7 +46,8 @@ def test_real_digits_score_above_lightly_above_heavily_degraded_ones(scored, dig
     blur = [mean_score(scored, degrade.apply(test, "blur", r)) for r in (0.5, 1.0, 2.0)]
     noise = [mean_score(scored, degrade.apply(test, "noise", sd, seed=1)) for sd in (20.0, 40.0)]
     assert real > blur[0] > blur[1] >= blur[2] and blur[1] < 0.1
-    assert real > noise[0] > noise[1] and noise[1] < real / 2
+    # 400 images: a mean's standard error is about 0.015, so these steps are far outside the noise
+    assert real > noise[0] > noise[1] and noise[1] < real - 0.15
 
 
 def test_unseen_real_digits_spread_over_the_whole_scale(scored, digits) -> None:
@@ -74,7 +75,9 @@ def test_a_training_copy_scores_top_and_an_empty_holdout_is_refused() -> None:
     real, unseen = torch.randn(50, 4, generator=gen), torch.randn(30, 4, generator=gen)
     scorer = RealismScorer(real, unseen)
     assert scorer(real[:3]).tolist() == [1.0, 1.0, 1.0]
-    assert float(scorer(torch.full((1, 4), 50.0))) == 0.0  # far off the manifold
+    # off the manifold: below every real image's score, yet still ordered by how far off
+    far = scorer(torch.stack([torch.full((4,), 20.0), torch.full((4,), 50.0)]))
+    assert 1 / len(unseen) > float(far[0]) > float(far[1]) > 0
     with pytest.raises(ValueError, match="holdout split is empty"):
         RealismScorer(real, unseen[:0])
     with pytest.raises(ValueError, match="more than k=3"):

@@ -17,6 +17,7 @@ novelty check drops those).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Hand-written on torch.cdist rather than prdc: prdc builds the full N x N real distance matrix in
@@ -60,9 +61,13 @@ class RealismScorer:
         return knn_realism(feats.float(), self.train, self.radii)
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
-        """The share of holdout images whose R is at most each feature's R."""
-        below = torch.searchsorted(self.holdout_realism, self.raw(feats).contiguous(), right=True)
-        return below.float() / len(self.holdout_realism)
+        """The share of holdout images whose R is at most each feature's R: their empirical CDF,
+        linearly interpolated between holdout values (off by < 1/n from the step function) and from
+        0 at R = 0 to 1/n at the least real holdout image, so samples less real than every real
+        image (a weak generator's whole batch) still keep their order instead of all scoring 0."""
+        n = len(self.holdout_realism)
+        xp = np.concatenate([[0.0], self.holdout_realism.numpy()])
+        return torch.from_numpy(np.interp(self.raw(feats).numpy(), xp, np.arange(n + 1) / n)).float()
 
 
 def interquartile_range(values: torch.Tensor) -> float:
