@@ -5,6 +5,13 @@ recall, density, coverage: Kynkäänniemi et al. 2019, Naeem et al. 2020). genlo
 features once and feeds them through a pass-through module, so the same features serve
 every metric, the reference statistics can be cached, and the bootstrap of the promotion
 gate resamples feature rows instead of re-running the extractor.
+
+KID is computed on features standardised by the real set's per-dimension mean and standard
+deviation (`KID_FEATURES`), so the polynomial kernel (x.y / d + 1)^3 sees unit-scale features
+whatever the extractor: values are then comparable across extractors and readable (about 0 for
+real images, growing with the difference) instead of thousands on raw activations.
+
+C2ST (genloop.eval.c2st) adds a classifier two-sample test: AUC 0.5 = indistinguishable.
 """
 
 from __future__ import annotations
@@ -21,11 +28,33 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from genloop.eval.c2st import c2st
 from genloop.eval.extractors import nearest
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = ("fid", "kid_mean")
+LOWER_IS_BETTER = ("fid", "kid_mean", "c2st_auc")
+KID_FEATURES = "standardised-by-real"  # part of every cache key holding a KID value
+
+DESCRIPTIONS = {
+    "fid": "Frechet distance between real and generated feature distributions (0 = identical)",
+    "kid_mean": "kernel inception distance (unbiased MMD, cubic polynomial kernel) on features standardised "
+                "by the real set's per-dimension mean and sd; about 0 for real images",
+    "inception_score": "exp(mean KL(p(y|x) || p(y))) of the extractor's class logits (higher: confident and varied)",
+    "precision": "share of samples inside the real k-NN manifold (fidelity)",
+    "recall": "share of real images inside the samples' k-NN manifold (diversity)",
+    "c2st_auc": "AUC of a discriminator (logistic regression on standardised features and their squares) "
+                "telling held-out real from held-out generated images; 0.5 = indistinguishable, 1 = always told apart",
+    "c2st_accuracy": "accuracy of the same discriminator at P(real) = 0.5; 0.5 = chance",
+    "class_consistency": "share of conditional samples that an independent classifier trained on real images "
+                         "assigns to the class asked for",
+}
+
+
+def describe(metric: str) -> str:
+    """What `metric` measures, in a sentence a report can carry."""
+    base = metric.removesuffix("_low").removesuffix("_high").removesuffix("_std")
+    return DESCRIPTIONS.get(base, metric)
 
 
 class _Precomputed(nn.Module):
@@ -56,7 +85,11 @@ class FidAgainst:
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, seed: int, subsets: int = 100) -> tuple[float, float]:
-    """KID mean and std over random subsets (torchmetrics), reproducible by `seed`."""
+    """KID mean and std over random subsets (torchmetrics), reproducible by `seed`, on features
+    standardised by `real`'s per-dimension mean and sd (a constant dimension keeps sd 1)."""
+    mean, sd = real.mean(0), real.std(0)
+    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+    real, fake = (real - mean) / sd, (fake - mean) / sd
     size = max(2, min(subset_size, len(real), len(fake)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
@@ -123,9 +156,10 @@ def memorisation(fake: torch.Tensor, train: torch.Tensor, unit: float, threshold
 
 def suite(
     real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor | None, *, kid_subset_size: int,
-    is_splits: int, pr_neighbourhood: int, seed: int,
+    is_splits: int, pr_neighbourhood: int, seed: int, real_train: torch.Tensor | None = None,
 ) -> dict[str, float | None]:
-    """Every distribution metric of `fake` against `real` features."""
+    """Every distribution metric of `fake` against `real` features; with `real_train` (real
+    images other than `real`), the C2ST too: trained on real_train, scored on `real`."""
     kid_mean, kid_std = kid(real, fake, kid_subset_size, seed)
     out: dict[str, float | None] = {"fid": FidAgainst(real)(fake), "kid_mean": kid_mean, "kid_std": kid_std}
     if fake_logits is not None:
@@ -133,4 +167,6 @@ def suite(
     else:
         out["inception_score"] = out["inception_score_std"] = None  # an autoencoder has no classes
     out.update(precision_recall(real, fake, pr_neighbourhood))
+    if real_train is not None:
+        out.update(c2st(real_train, real, fake, seed=seed).as_metrics())
     return out

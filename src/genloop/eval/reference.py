@@ -23,7 +23,7 @@ from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.extractors import Extractor, embed, novelty_scale
-from genloop.eval.metrics import FidAgainst, kid
+from genloop.eval.metrics import KID_FEATURES, FidAgainst, kid
 from genloop.models import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Reference:
 def reference_key(ws: Workspace, extractor: Extractor, n_holdout: int, n_train: int, n_samples: int) -> str:
     """The cache key: what the statistics depend on, never where files are."""
     parts = [data_version(ws), sha256_file(ws.manifest), extractor.kind, extractor.fingerprint,
-             str(n_holdout), str(n_train), str(n_samples)]
+             str(n_holdout), str(n_train), str(n_samples), KID_FEATURES]  # how the floor's KID is computed
     return sha256_bytes("|".join(parts).encode())[:20]
 
 
