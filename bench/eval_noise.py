@@ -27,7 +27,7 @@ from pathlib import Path
 
 from offline_env import RESULTS, ROOT  # first: no telemetry, an embedded MLflow store
 
-from genloop import clean, collect, train, validate  # noqa: E402
+from genloop.stages import clean, collect, train, validate  # noqa: E402
 from genloop.core.config import load_params  # noqa: E402
 from genloop.core.storage import sha256_file  # noqa: E402
 from genloop.core.workspace import Workspace  # noqa: E402

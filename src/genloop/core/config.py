@@ -194,22 +194,41 @@ class TrainParams(_Section):
     )
 
 
+class CalibrationParams(_Section):
+    """The calibration ladder (genloop.eval.calibration): real images under known degradations."""
+
+    enabled: bool = Field(True, description="compute the ladder once per data version and extractor (cached)")
+    bootstrap: int = Field(20, ge=5, description="resamples that measure each metric's noise on real images")
+    seed: int = 0
+
+
 class EvaluateParams(_Section):
     n_samples: int = Field(1000, ge=10, description="generated images compared with the holdout")
     seed: int = 1234
-    extractor: Literal["auto", "inception", "domain"] = Field(
-        "auto", description="auto: Inception when its weights are present locally, else domain"
+    extractor: Literal["auto", "dinov2", "clip", "inception", "domain"] = Field(
+        "auto", description="auto: the first of dinov2, clip, inception whose weights are present locally, else domain"
+    )
+    dinov2_weights: str | None = Field(
+        None, description="local Hugging Face directory of a DINOv2 model, e.g. facebook/dinov2-base (null: not used)"
+    )
+    clip_weights: str | None = Field(
+        None,
+        description="local Hugging Face directory of a CLIP model, e.g. openai/clip-vit-base-patch32 (null: not used)",
     )
     inception_weights: str | None = Field(
         None, description="local path of torch-fidelity's Inception weights (null: look in the torch hub cache)"
     )
     extractor_epochs: int = Field(3, ge=1)
+    classifier_epochs: int = Field(
+        3, ge=1, description="epochs of the independent real-image classifier that judges class consistency"
+    )
     kid_subset_size: int = Field(100, ge=2)
     is_splits: int = Field(10, ge=1, description="Inception Score splits")
     pr_neighbourhood: int = Field(3, ge=1, description="k of the k-NN manifolds of precision/recall")
     memorisation_threshold: float = Field(
         0.15, ge=0, description="a sample nearer than this (in novelty units) to a training image counts as memorised"
     )
+    calibration: CalibrationParams = Field(default_factory=CalibrationParams)
 
 
 class GateParams(_Section):
@@ -228,7 +247,9 @@ class GateParams(_Section):
 
 class RegisterParams(_Section):
     model_name: str = Field("genloop-generator", min_length=1)
-    metric: Literal["fid", "kid_mean"] = Field("fid", description="the gate's metric (lower is better)")
+    metric: Literal["auto", "fid", "kid_mean", "c2st_auc"] = Field(
+        "auto", description="the gate's metric (lower is better); auto: the first of fid, c2st_auc, kid_mean that "
+        "passes the calibration ladder's checks on this data")
     gate: GateParams = Field(default_factory=GateParams)
 
 
@@ -272,6 +293,11 @@ class TuneParams(_Section):
         0.5, ge=0, le=1,
         description="objective = metric / first trial's metric + w x (1 - 2 x human acceptance rate), lower is better; "
         "0: the gate's metric alone",
+    )
+    agreement_weight: float = Field(
+        0.25, ge=0, le=1,
+        description="objective + w x (1 - 2 x AUC of the curation score against reviewers' accept/reject); "
+        "no reviews or one kind of decision only: chance (AUC 1/2, adds nothing); 0: not used",
     )
     seed: int = Field(0, description="TPE seed (offset by the number of trials, so proposals differ)")
     startup_trials: int = Field(4, ge=0, description="random proposals before TPE models the results")

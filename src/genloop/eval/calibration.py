@@ -102,8 +102,11 @@ def _place(cal: Calibration, metric: str, value: float, ladder: str, rungs: list
     points = [(degrade.FLOOR_LEVEL[ladder], cal.floor[metric])] + [(r["level"], r["values"][metric]) for r in rungs]
     if cal.worse(metric, value, cal.floor[metric]) <= cal.noise[metric]:
         return {"level": points[0][0], "text": f"within the noise of real images (±{cal.noise[metric]:.3g})"}
-    for (lo_level, lo), (hi_level, hi) in zip(points, points[1:]):
+    for i, ((lo_level, lo), (hi_level, hi)) in enumerate(zip(points, points[1:])):
         if cal.worse(metric, value, lo) >= 0 and cal.worse(metric, hi, value) >= 0:
+            if i + 2 < len(points) and value == hi == points[i + 2][1]:  # a judge at its ceiling, e.g. AUC 1.0
+                return {"level": hi_level, "text": f"≥ {degrade.describe(ladder, hi_level)} (the judge saturates "
+                                                   "there: heavier rungs read the same)"}
             span = cal.worse(metric, hi, lo)
             frac = cal.worse(metric, value, lo) / span if span > 0 else 1.0
             level = lo_level + frac * (hi_level - lo_level)

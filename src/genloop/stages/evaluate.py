@@ -27,7 +27,7 @@ from genloop.core.grids import make_grid
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, read_json, sha256_file, write_json_atomic
 from genloop.core.workspace import Workspace
-from genloop.eval import calibration, calibration_report
+from genloop.eval import calibration, calibration_report, history as eval_history
 from genloop.eval.calibration import Calibration
 from genloop.eval.extractors import Extractor, get_extractor
 from genloop.eval.generator_eval import GeneratorEval, asked_classes, evaluate_generator
@@ -38,28 +38,8 @@ from genloop.models import load_generator, sample
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["iteration", "time", "data_version", "generator", "extractor", "fid", "kid_mean",
-                   "inception_score", "precision", "recall", "memorised_share"]
-HISTORY_METRICS = ("fid", "kid_mean", "inception_score", "precision", "recall", "memorised_share")
-
-
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
-
-
-def _append_history(ws: Workspace, row: dict[str, Any]) -> pd.DataFrame:
-    """Add this evaluation to reports/eval_history.csv (replacing a re-evaluation of the same
-    generator on the same data) and return the whole history."""
-    path = ws.reports / "eval_history.csv"
-    history = pd.read_csv(path, dtype={"generator": str}) if path.exists() else pd.DataFrame(columns=HISTORY_COLUMNS)
-    same = (history["generator"] == row["generator"]) & (history["data_version"] == row["data_version"])
-    history = history[~same]
-    row["iteration"] = int(history["iteration"].max()) + 1 if len(history) else 0
-    new = pd.DataFrame([row], columns=HISTORY_COLUMNS)
-    history = pd.concat([history, new], ignore_index=True) if len(history) else new
-    with atomic_path(path) as tmp:
-        history.to_csv(tmp, index=False)
-    return history
 
 
 def _memorisation_table(result: GeneratorEval, train_ids: list[str]) -> pd.DataFrame:
@@ -141,13 +121,15 @@ def _log_run(ws: Workspace, cfg: Params, report: dict[str, Any], result: Generat
             "fid_real_floor": ref.floor["fid"], "memorised_share": result.memorisation.share,
             "eval_seconds": report["seconds"]})
         for _, row in history.iterrows():  # the curves across loop iterations, in one run
-            tracking.log_metrics({f"history_{k}": row[k] for k in HISTORY_METRICS if pd.notna(row[k])},
+            tracking.log_metrics({f"history_{k}": row[k] for k in eval_history.HISTORY_METRICS
+                                  if k in row and pd.notna(row[k])},
                                  step=int(row["iteration"]))
         tracking.tag_run({"genloop.extractor": extractor.kind, "genloop.extractor_fingerprint": extractor.fingerprint,
                           "genloop.reference_key": ref.key})
         for name, grid in grids.items():
             tracking.log_image(grid, f"eval/{name}.png")
         tracking.log_artifact(ws.reports / "memorisation.csv", "eval")
+        tracking.log_artifact(ws.reports / "eval_history.png", "eval")
         if cal is not None:
             calibration_report.log(cal, ws.reports)
             tracking.tag_run({"genloop.readable": " | ".join(report["readable"])[:4000]})
@@ -171,11 +153,13 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     mem = result.memorisation
     with atomic_path(ws.reports / "memorisation.csv") as tmp:
         _memorisation_table(result, ref.train_ids).to_csv(tmp, index=False)
-    history = _append_history(ws, {
+    report["corpus"] = eval_history.corpus_mix(ws)
+    history = eval_history.append(ws, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "data_version": report["data_version"],
         "generator": generator_sha[:12], "extractor": f"{extractor.kind}:{extractor.fingerprint}",
-        **{k: (mem.share if k == "memorised_share" else result.metrics.get(k)) for k in HISTORY_METRICS},
+        **metrics, "memorised_share": mem.share, **report["corpus"],
     })
+    eval_history.plot(history, ws.reports / "eval_history.png")
     grids = {"samples": make_grid(result.images[:80].permute(0, 2, 3, 1).numpy(), columns=spec.num_classes or None,
                                   scale=2),
              "closest_to_training": closest_pairs_grid(result, train_set.images)}

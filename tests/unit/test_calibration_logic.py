@@ -1,0 +1,79 @@
+"""The calibration ladder's reading of numbers: checks, positions, the gate metric's choice, and
+the degradations themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genloop.core.config import load_params
+from genloop.eval import degrade
+from genloop.eval.calibration import Calibration, choose_gate_metric, ladder_flags
+
+
+def _cal(flags: dict[str, dict[str, str]] | None = None) -> Calibration:
+    """A ladder where FID grows 1 -> 16 along blur, AUC saturates at 1.0, recall falls with mode drop."""
+    values = {
+        "blur": [(0.5, 2.0, 0.7, 0.9), (1.0, 4.0, 0.9, 0.8), (2.0, 8.0, 1.0, 0.6), (4.0, 16.0, 1.0, 0.5)],
+        "mode_drop": [(0.5, 3.0, 0.6, 0.6), (0.9, 9.0, 0.8, 0.2)],
+    }
+    ladders = {name: [{"level": lvl, "values": {"fid": f, "c2st_auc": a, "recall": r, "kid_mean": f / 10}}
+                      for lvl, f, a, r in rungs] for name, rungs in values.items()}
+    return Calibration(key="k", extractor="test", n=100, floor={"fid": 1.0, "c2st_auc": 0.5, "recall": 1.0,
+                                                                 "kid_mean": 0.1},
+                       noise={"fid": 0.2, "c2st_auc": 0.05, "recall": 0.05, "kid_mean": 0.05}, ladders=ladders,
+                       flags=flags or {}, memorisation={}, seconds=0.0)
+
+
+def test_ladder_flags_accept_a_rising_ladder_and_name_what_is_wrong_otherwise():
+    assert ladder_flags("fid", 1.0, [2.0, 4.0, 8.0], noise=0.5, higher_is_worse=True) is None
+    assert ladder_flags("recall", 1.0, [0.8, 0.5, 0.1], noise=0.05, higher_is_worse=False) is None
+    reversed_ = ladder_flags("fid", 1.0, [4.0, 2.0, 8.0], noise=0.5, higher_is_worse=True)
+    assert reversed_ is not None and reversed_.startswith("not monotone: rung 2")
+    flat = ladder_flags("fid", 1.0, [1.1, 1.2, 1.3], noise=0.5, higher_is_worse=True)
+    assert flat is not None and flat.startswith("steps smaller than its noise: 0 of 3")
+    # a small wobble within the noise is not a reversal
+    assert ladder_flags("fid", 1.0, [3.0, 2.8, 6.0, 9.0], noise=0.5, higher_is_worse=True) is None
+
+
+def test_positions_read_a_value_as_a_degradation_of_real_images():
+    cal = _cal()
+    assert cal.position("fid", 6.0)["blur"]["level"] == pytest.approx(1.5)  # halfway from 4 (r=1) to 8 (r=2)
+    assert cal.headline("fid", 6.0) == "fid 6 ≈ real images blurred with radius 1.5"
+    assert cal.position("fid", 1.1)["blur"]["text"].startswith("within the noise of real images")
+    beyond = cal.position("fid", 40.0)["blur"]
+    assert beyond["level"] is None and beyond["text"].startswith("beyond the end of the blur ladder")
+    # lower-is-worse judges read the other way
+    assert cal.position("recall", 0.4)["mode_drop"]["level"] == pytest.approx(0.5 + 0.4 * 0.5)
+    # a judge at its ceiling says so instead of pretending to a level
+    assert "saturates" in cal.position("c2st_auc", 1.0)["blur"]["text"]
+
+
+def test_the_gate_metric_is_the_first_that_passes_and_a_refused_one_says_why():
+    cfg = load_params(None, [])
+    assert choose_gate_metric(cfg, _cal())[0] == "fid"
+    cal = _cal({"fid": {"mode_drop": "not monotone: rung 2 reads better"}})
+    metric, why = choose_gate_metric(cfg, cal)
+    assert metric == "c2st_auc" and "first of fid, c2st_auc, kid_mean that passes" in why
+    metric, why = choose_gate_metric(load_params(None, ["register.metric=fid"]), cal)
+    assert metric == "c2st_auc" and why.startswith("register.metric=fid refused (mode_drop: not monotone")
+    # a flag on a ladder generators do not fail along (JPEG) does not refuse a metric
+    assert choose_gate_metric(cfg, _cal({"fid": {"jpeg": "steps smaller than its noise"}}))[0] == "fid"
+    assert choose_gate_metric(load_params(None, ["register.metric=kid_mean"]), None)[0] == "kid_mean"
+
+
+def test_degradations_do_what_their_names_say():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    roughness = [float((degrade.blur(images, r).float().diff(dim=-1).abs()).mean()) for r in (0.5, 1, 2, 4)]
+    assert roughness == sorted(roughness, reverse=True)  # more blur, smoother images
+    errors = [float((degrade.jpeg(images, q).float() - images.float()).abs().mean()) for q in (50, 20, 5)]
+    assert errors == sorted(errors)  # lower quality, further from the original
+    greyed = degrade.grey(images, 1.0).float()
+    assert float((greyed.max(dim=1).values - greyed.min(dim=1).values).max()) <= 1.0  # no colour left
+    dropped = degrade.drop_modes(images, 0.5, seed=0)
+    assert dropped.shape == images.shape and len(torch.unique(dropped.flatten(1), dim=0)) == 3
+    assert torch.equal(degrade.apply(images, "noise", 0.0), images)
+    with pytest.raises(ValueError, match="unknown ladder 'sharpen'"):
+        degrade.apply(images, "sharpen", 1.0)
+    assert "grey" not in degrade.ladders_for(1) and "grey" in degrade.ladders_for(3)
