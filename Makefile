@@ -76,7 +76,7 @@ LOCK_FLAGS = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --fin
 	--override requirements-torch-override.txt --no-emit-find-links --generate-hashes
 lock:  ## re-resolve requirements.lock (runtime) and requirements-dev.lock (+ test tools) after changing pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements.lock
-	$(BIN)/uv pip compile pyproject.toml --extra test $(LOCK_FLAGS) -o requirements-dev.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra pretrained $(LOCK_FLAGS) -o requirements-dev.lock
 
 clean-workspace:  ## remove everything the loop wrote (data, models, runs, outputs)
 	rm -rf data/raw data/clean data/manifest.parquet models outputs reports mlflow.db mlartifacts .genloop/cache gx/uncommitted

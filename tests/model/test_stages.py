@@ -288,3 +288,36 @@ def test_stages_name_the_missing_input_and_the_command_to_run(tmp_path):
         register.run(cfg, ws)
     with pytest.raises(StageInputMissing, match="genloop generate"):
         optimize.run(cfg, ws)
+
+
+def _write_pngs(folder: Path, images: torch.Tensor) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, chw in enumerate(images.numpy()):
+        Image.fromarray(chw[0]).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def test_score_judges_any_folder_against_the_current_data(pipeline, tmp_path):
+    from genloop.core.dataset import load_split
+    from genloop.core.errors import GenloopError
+    from genloop.eval import degrade
+    from genloop.stages import score
+
+    ws, cfg, _ = pipeline
+    real = load_split(ws, "train").images[:120]
+    sharp = score.run(cfg, ws, _write_pngs(tmp_path / "real", real), tmp_path / "real.json")
+    blurred_dir = _write_pngs(tmp_path / "blurred", degrade.blur(real, 2.0))
+    (blurred_dir / "broken.png").write_bytes(b"\x89PNG not really")
+    blurred = score.run(cfg, ws, blurred_dir, tmp_path / "blurred.json")
+    assert sharp["n_images"] == 120 and not sharp["rejected"]
+    assert blurred["n_images"] == 120 and [r["file"] for r in blurred["rejected"]] == ["broken.png"]
+    assert "corrupt" in blurred["rejected"][0]["reason"]
+    metric = sharp["gate_metric"]["name"]
+    noise = json.loads((ws.reports / "calibration.json").read_text())["noise"][metric]
+    assert blurred[metric] - sharp[metric] > noise  # the blur is seen beyond the judge's noise on real images
+    assert sharp["ladder_position"][metric]["blur"]["text"].startswith("within the noise of real images")
+    assert not blurred["ladder_position"][metric]["blur"]["text"].startswith("within the noise")
+    assert json.loads((tmp_path / "blurred.json").read_text())["fid"] == blurred["fid"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GenloopError, match="no usable image"):
+        score.run(cfg, ws, tmp_path / "empty")

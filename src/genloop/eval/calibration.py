@@ -116,12 +116,11 @@ def _place(cal: Calibration, metric: str, value: float, ladder: str, rungs: list
                                    f"{degrade.describe(ladder, last_level)}: {last:.4g})"}
 
 
-def _judges(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor) -> Judge:
+def _judges(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor, scorer: RealismScorer) -> Judge:
     """Every judge of a set of features against the `holdout` features, in one call; `bank`: real
     training features that are not in the judged sets (the C2ST's and the curation score's real side)."""
     e = cfg.evaluate
     fid = FidAgainst(holdout)
-    scorer = RealismScorer(bank, holdout, k=e.pr_neighbourhood)
 
     def judge(feats: torch.Tensor) -> dict[str, float]:
         pr = precision_recall(holdout, feats, e.pr_neighbourhood)
@@ -136,8 +135,8 @@ def _judges(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor) -> Judge:
     return judge
 
 
-def _noise(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor, feats: torch.Tensor, resamples: int,
-           seed: int) -> dict[str, float]:
+def _noise(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor, scorer: RealismScorer, feats: torch.Tensor,
+           resamples: int, seed: int) -> dict[str, float]:
     """Half-width of each judge's 95 % bootstrap interval over resamples of the real set and of the
     holdout (a small reference is a noisy one)."""
     gen = torch.Generator().manual_seed(seed)
@@ -146,7 +145,8 @@ def _noise(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor, feats: torch.
         for _ in range(resamples):
             idx = torch.randint(len(feats), (len(feats),), generator=gen)
             ref_idx = torch.randint(len(holdout), (len(holdout),), generator=gen)
-            for k, v in _judges(cfg, holdout[ref_idx], bank)(feats[idx]).items():
+            resampled = holdout[ref_idx]
+            for k, v in _judges(cfg, resampled, bank, scorer.with_holdout(resampled))(feats[idx]).items():
                 values.setdefault(k, []).append(v)
             bar.advance()
     out = {}
@@ -185,9 +185,10 @@ def compute(cfg: Params, extractor: Extractor, ref: Reference, train_set: ImageS
     images = train_set.images[:n]
     # the real side of the C2ST and of the curation score: training images outside the judged set
     bank = ref.train[n:] if len(ref.train) - n >= MIN_BANK else ref.train
-    judge = _judges(cfg, ref.holdout, bank)
+    scorer = RealismScorer(bank, ref.holdout, k=cfg.evaluate.pr_neighbourhood)
+    judge = _judges(cfg, ref.holdout, bank, scorer)
     floor = judge(ref.train[:n])
-    noise = _noise(cfg, ref.holdout, bank, ref.train[:n], c.bootstrap, c.seed)
+    noise = _noise(cfg, ref.holdout, bank, scorer, ref.train[:n], c.bootstrap, c.seed)
     ladders: dict[str, list[dict[str, Any]]] = {}
     plan = degrade.ladders_for(images.shape[1])
     with Progress("calibration", sum(len(v) for v in plan.values()), "rungs") as bar:

@@ -17,6 +17,8 @@ novelty check drops those).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -55,6 +57,13 @@ class RealismScorer:
         self.train = train_feats.float()
         self.radii = knn_radii(self.train, k)
         self.holdout_realism = knn_realism(holdout_feats.float(), self.train, self.radii).sort().values
+
+    def with_holdout(self, holdout_feats: torch.Tensor) -> RealismScorer:
+        """The same training manifold (its radii are the costly part) against other unseen images:
+        the calibration's bootstrap resamples the holdout."""
+        other = copy.copy(self)
+        other.holdout_realism = knn_realism(holdout_feats.float(), self.train, self.radii).sort().values
+        return other
 
     def raw(self, feats: torch.Tensor) -> torch.Tensor:
         """Kynkäänniemi's R for each feature (unbounded; its scale depends on the extractor)."""

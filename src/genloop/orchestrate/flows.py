@@ -201,6 +201,7 @@ def _where(ws: Workspace, results: dict[str, dict[str, Any]], skipped: list[str]
         "genloop loop finished.",
         f"  model:      {reg['model_uri']} (alias '{alias}'; champion is version {reg['champion_version']}, "
         f"{reg['metric']}={reg['score']:.4f}: {reg['reason']})",
+        *[f"  {'quality:' if i == 0 else '':<12}{line}" for i, line in enumerate(results["evaluate"].get("readable", []))],
         f"  generated:  {gen['folder']} ({gen['n']} images)" + (f" -> {gen['sink']}" if gen.get("sink") else ""),
         f"  curated:    {opt['folder']} ({opt['kept']} kept)" + (f" -> {opt['sink']}" if opt.get("sink") else ""),
         f"  skipped:    {', '.join(skipped) if skipped else 'nothing'} (unchanged inputs and params)",
@@ -264,6 +265,7 @@ def _loop(params_file: str, overrides: list[str], workspace: str, collect: bool)
         f"- FID {ev['fid']:.3f} (real-vs-real floor {ev['fid_real_floor']:.3f}), "
         f"KID {ev['kid_mean']:.5f} ± {ev['kid_std']:.5f}, precision {ev['precision']:.3f}, "
         f"recall {ev['recall']:.3f}, memorised {ev['memorised_share']:.1%} ({ev['extractor']} features)\n"
+        + "".join(f"- {line}\n" for line in ev.get("readable", [])) +
         f"- gate: see `reports/gate.json`; roll back with `genloop rollback --reason ...`\n\n"
         f"| stage | this run |\n|---|---|\n{stage_rows}\n\n{runs_table}\n\n```\n{where}\n```\n",
         description="What this loop iteration did and where its results are",
