@@ -23,7 +23,7 @@ from genloop.stages import clean, collect
 from tests.colour_corpus import emoji_folder
 
 COMMON = ["collect.dvc_add=false", "evaluate.n_samples=300", "evaluate.kid_subset_size=50",
-          "register.gate.bootstrap=40", "register.gate.max_memorised_share=1.0"]
+          "evaluate.calibration.bootstrap=10", "register.gate.bootstrap=40", "register.gate.max_memorised_share=1.0"]
 CORPORA = {
     "mnist": ["collect.sources=[{uri: 'builtin:mnist', limit: 1200}]", "data.holdout_fraction=0.3"],
     "emoji": ["data.mode=RGB", "data.holdout_fraction=0.3"],

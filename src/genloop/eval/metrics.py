@@ -125,7 +125,10 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str
     from prdc import compute_prdc
 
     n = min(len(real), len(fake))
-    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # prdc prints the set sizes
+        # prdc asks sklearn for pairwise distances with n_jobs=8; on large sets sklearn 1.9's worker
+        # threads then warn, once per chunk, that its config is not propagated (prdc sets none)
+        warnings.filterwarnings("ignore", message=".*should be used with `sklearn.utils.parallel.Parallel`.*")
         out = compute_prdc(real[:n].numpy(), fake[:n].numpy(), nearest_k=k)
     return {name: float(value) for name, value in out.items()} | {"pr_samples": n}
 
