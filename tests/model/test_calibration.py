@@ -100,8 +100,9 @@ def test_the_gate_refuses_the_champion_with_blurred_outputs(judged):
     g = cfg.registry.gate
     comparison = paired_bootstrap(metric, ref.holdout, blurred.features, champion.features, resamples=g.bootstrap,
                                   confidence=g.confidence, seed=0, kid_subset=50, bank=ref.train)
+    assert comparison.delta_high < 0, comparison  # the whole interval says the blurred outputs are worse
     passed, reason = decide(cfg, blurred, comparison, champion, cal.noise)
-    assert not passed and "not better" in reason, reason
+    assert not passed, reason
     # and the other way round, the sharp images replace the blurred ones
     back = paired_bootstrap(metric, ref.holdout, champion.features, blurred.features, resamples=g.bootstrap,
                             confidence=g.confidence, seed=0, kid_subset=50, bank=ref.train)

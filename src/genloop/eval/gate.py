@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,14 +108,18 @@ def paired_bootstrap(
 
 def diversity_loss(challenger: dict[str, float | None], champion: dict[str, float | None],
                    noise: dict[str, float]) -> str | None:
-    """Why the challenger is less diverse than the champion by more than the noise (None when it is not)."""
+    """Why the challenger is less diverse than the champion by more than the noise (None when it is not).
+
+    `noise` is each judge's 95 % half-width on one set of real images; the difference of two
+    independent sets is noisier by sqrt(2)."""
     for name in DIVERSITY:
         chal, champ = challenger.get(name), champion.get(name)
         if chal is None or champ is None or name not in noise:
             continue
-        if champ - chal > noise[name]:
-            return (f"collapse guard: {name} fell from {champ:.3f} (champion) to {chal:.3f}, more than its noise "
-                    f"on real images (±{noise[name]:.3f}): the challenger covers fewer of the real images' modes")
+        margin = math.sqrt(2) * noise[name]
+        if champ - chal > margin:
+            return (f"collapse guard: {name} fell from {champ:.3f} (champion) to {chal:.3f}, more than the noise of "
+                    f"the difference (±{margin:.3f}): the challenger covers fewer of the real images' modes")
     return None
 
 

@@ -5,7 +5,8 @@ Raw realism ("Improved Precision and Recall Metric for Assessing Generative Mode
 
     R(f) = max over real training features r of radius_k(r) / ||f - r||
 
-where radius_k(r) is the distance from r to its k-th nearest real neighbour. R >= 1 means f lies
+where radius_k(r) is the distance from r to its k-th nearest real neighbour, over the half of the
+training features with the smallest radii (the paper's guard against outliers). R >= 1 means f lies
 inside at least one real image's k-NN ball; the further f is from the real manifold, the smaller R.
 R's scale depends on the extractor and the data, so `RealismScorer` reports its percentile: the
 share of holdout real images (never trained on, scored against the same training manifold) whose
@@ -54,8 +55,12 @@ class RealismScorer:
         if len(holdout_feats) == 0:
             raise ValueError("the realism percentile needs holdout images: the holdout split is empty")
         self.k = k
-        self.train = train_feats.float()
-        self.radii = knn_radii(self.train, k)
+        train = train_feats.float()
+        radii = knn_radii(train, k)
+        # As the paper does: the half of the real images with the largest k-NN radii is left out, or a
+        # few outliers with huge balls let far-off (heavily degraded) images read as real.
+        keep = radii <= radii.median()
+        self.train, self.radii = train[keep], radii[keep]
         self.holdout_realism = knn_realism(holdout_feats.float(), self.train, self.radii).sort().values
 
     def with_holdout(self, holdout_feats: torch.Tensor) -> RealismScorer:
