@@ -77,3 +77,18 @@ def test_degradations_do_what_their_names_say():
     with pytest.raises(ValueError, match="unknown ladder 'sharpen'"):
         degrade.apply(images, "sharpen", 1.0)
     assert "grey" not in degrade.ladders_for(1) and "grey" in degrade.ladders_for(3)
+
+
+def test_the_c2st_can_gate_a_pair_and_the_collapse_guard_allows_for_two_noisy_sets():
+    from genloop.eval.gate import diversity_loss, paired_bootstrap
+
+    gen = torch.Generator().manual_seed(0)
+    real, bank = torch.randn(200, 8, generator=gen), torch.randn(400, 8, generator=gen)
+    close, off = torch.randn(200, 8, generator=gen), torch.randn(200, 8, generator=gen) * 1.6 + 0.5
+    better = paired_bootstrap("c2st_auc", real, close, off, resamples=200, confidence=0.9, seed=0, bank=bank)
+    assert better.resamples == 50 and better.delta_low > 0.1  # capped: each resample trains two discriminators
+    assert 0.35 < better.challenger < 0.65 and better.champion > 0.8
+    noise = {"recall": 0.05, "coverage": 0.05}
+    assert diversity_loss({"recall": 0.82, "coverage": 0.8}, {"recall": 0.88, "coverage": 0.8}, noise) is None
+    why = diversity_loss({"recall": 0.7, "coverage": 0.8}, {"recall": 0.88, "coverage": 0.8}, noise)
+    assert why is not None and why.startswith("collapse guard: recall fell from 0.880 (champion) to 0.700")
