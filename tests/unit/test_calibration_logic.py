@@ -92,3 +92,16 @@ def test_the_c2st_can_gate_a_pair_and_the_collapse_guard_allows_for_two_noisy_se
     assert diversity_loss({"recall": 0.82, "coverage": 0.8}, {"recall": 0.88, "coverage": 0.8}, noise) is None
     why = diversity_loss({"recall": 0.7, "coverage": 0.8}, {"recall": 0.88, "coverage": 0.8}, noise)
     assert why is not None and why.startswith("collapse guard: recall fell from 0.880 (champion) to 0.700")
+
+
+def test_the_c2st_scores_each_image_with_a_discriminator_that_never_saw_it():
+    from genloop.eval.c2st import cross_fitted_realism
+
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(300, 6, generator=gen)
+    batch = torch.cat([torch.randn(100, 6, generator=gen), torch.randn(100, 6, generator=gen) * 2.5 + 1.0])
+    p_real = cross_fitted_realism(real, batch, seed=0)
+    assert p_real.shape == (200,) and float(p_real.min()) >= 0 and float(p_real.max()) <= 1
+    assert float(p_real[:100].mean()) > float(p_real[100:].mean()) + 0.3  # real-like images rank above the rest
+    with pytest.raises(ValueError, match="at least 4 generated"):
+        cross_fitted_realism(real, batch[:3], seed=0)

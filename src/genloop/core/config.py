@@ -342,6 +342,9 @@ class OptimizeParams(_Section):
     min_novelty: float = Field(
         0.15, ge=0, description="drop samples closer than this (relative distance) to a training image"
     )
+    realism: Literal["knn", "c2st"] = Field(
+        "knn", description="the curation score: knn (k-NN realism as a percentile of unseen real images) or c2st "
+        "(each image's P(real) from a cross-fitted real-vs-generated discriminator)")
     realism_weight: float = Field(1.0, ge=0)
     novelty_weight: float = Field(0.5, ge=0)
     sink: str | None = Field(

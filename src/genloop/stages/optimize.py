@@ -31,6 +31,7 @@ from genloop.core.errors import StageInputMissing
 from genloop.core.grids import make_grid
 from genloop.core.storage import atomic_dir, join_s3_uri, read_json, upload_dir, write_json_atomic
 from genloop.core.workspace import Workspace
+from genloop.eval.c2st import cross_fitted_realism
 from genloop.eval.extractors import embed, get_extractor, nearest, novelty_scale
 from genloop.eval.realism import DEFINITION, RealismScorer, interquartile_range
 from genloop.feedback import agreement, tuning
@@ -38,6 +39,9 @@ from genloop.feedback.store import FeedbackError, FeedbackStore
 from genloop.mlops import tracking
 
 log = logging.getLogger(__name__)
+
+C2ST_DEFINITION = ("realism: the image's P(real) from a C2ST discriminator (real training images vs the rest of "
+                   "the batch, cross-fitted in two folds so no image is scored by a model that saw it)")
 
 
 def combined_score(realism: np.ndarray, novelty: np.ndarray, w_real: float, w_novel: float) -> np.ndarray:
@@ -71,7 +75,8 @@ def _score(cfg: Params, ws: Workspace, batch: pd.DataFrame,
     feats = embed(extractor.module, images)
     dist, idx = nearest(feats, train_feats)
     novelty = (dist / scale).numpy()
-    realism = RealismScorer(train_feats, holdout_feats)(feats).numpy()
+    realism = (RealismScorer(train_feats, holdout_feats)(feats) if o.realism == "knn"
+               else cross_fitted_realism(train_feats, feats, seed=o.tune.seed)).numpy()
     scores = batch.assign(
         realism=realism,
         novelty=novelty,
@@ -134,7 +139,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
         "mean_score_kept": round(float(kept["score"].mean()), 6) if len(kept) else None,
         "mean_realism_all": round(float(scores["realism"].mean()), 6),
         "realism_spread": round(interquartile_range(torch.as_tensor(scores["realism"].to_numpy())), 6),
-        "realism_definition": DEFINITION + "; realism_spread: its interquartile range over the batch",
+        "realism_definition": (DEFINITION if cfg.optimize.realism == "knn" else C2ST_DEFINITION)
+        + "; realism_spread: its interquartile range over the batch",
         "mean_novelty_all": round(float(scores["novelty"].mean()), 6),
         "extractor": extractor_kind,
         "sink": sink,
