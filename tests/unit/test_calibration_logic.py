@@ -105,3 +105,17 @@ def test_the_c2st_scores_each_image_with_a_discriminator_that_never_saw_it():
     assert float(p_real[:100].mean()) > float(p_real[100:].mean()) + 0.3  # real-like images rank above the rest
     with pytest.raises(ValueError, match="at least 4 generated"):
         cross_fitted_realism(real, batch[:3], seed=0)
+
+
+def test_precision_recall_density_coverage_match_prdc():
+    from prdc import compute_prdc
+
+    from genloop.eval.metrics import precision_recall
+
+    gen = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(700, 5, generator=gen), torch.randn(700, 5, generator=gen) * 1.3 + 0.2
+    ours = precision_recall(real, fake, 3, chunk=256)  # three chunks of real rows
+    theirs = compute_prdc(real.numpy(), fake.numpy(), nearest_k=3)
+    for name in ("precision", "recall", "density", "coverage"):
+        assert ours[name] == pytest.approx(float(theirs[name]), abs=2e-3), name
+    assert 0.3 < ours["precision"] < 0.95 and ours["pr_samples"] == 700

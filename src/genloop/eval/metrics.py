@@ -1,7 +1,8 @@
 """Distribution metrics of generated images, computed from extractor features.
 
-The computations are torchmetrics' (FID, KID, Inception Score) and prdc's (precision,
-recall, density, coverage: Kynkäänniemi et al. 2019, Naeem et al. 2020). genloop extracts
+The computations are torchmetrics' (FID, KID, Inception Score) and prdc's definitions of
+precision, recall, density and coverage (Kynkäänniemi et al. 2019, Naeem et al. 2020; computed in
+chunks here, checked against prdc in the tests). genloop extracts
 features once and feeds them through a pass-through module, so the same features serve
 every metric, the reference statistics can be cached, and the bootstrap of the promotion
 gate resamples feature rows instead of re-running the extractor.
@@ -16,8 +17,6 @@ C2ST (genloop.eval.c2st) adds a classifier two-sample test: AUC 0.5 = indistingu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from genloop.eval.c2st import c2st
 from genloop.eval.extractors import nearest
+from genloop.eval.realism import knn_radii
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,33 @@ def inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
     return float(mean), float(std)
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int) -> dict[str, float]:
-    """Precision, recall, density and coverage of equal-sized real and fake feature sets (prdc)."""
-    from prdc import compute_prdc
+@torch.no_grad()
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int, chunk: int = 1024) -> dict[str, float]:
+    """Precision, recall, density and coverage of equal-sized real and fake feature sets.
 
+    The definitions and the k-NN radii (each point its own 0th neighbour) are prdc's (Naeem et al.
+    2020), and tests/unit/test_calibration_logic.py checks the values against prdc itself. They are
+    computed here, in chunks of real rows with torch.cdist, because prdc hard-codes
+    `pairwise_distances(n_jobs=8)`: inside a Prefect task, sklearn's worker threads then warn
+    once per chunk, and it holds three full N x N float matrices (10,000 samples: 1.2 GB).
+    """
     n = min(len(real), len(fake))
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # prdc prints the set sizes
-        # prdc asks sklearn for pairwise distances with n_jobs=8; on large sets sklearn 1.9's worker
-        # threads then warn, once per chunk, that its config is not propagated (prdc sets none)
-        warnings.filterwarnings("ignore", message=".*should be used with `sklearn.utils.parallel.Parallel`.*")
-        out = compute_prdc(real[:n].numpy(), fake[:n].numpy(), nearest_k=k)
-    return {name: float(value) for name, value in out.items()} | {"pr_samples": n}
+    real, fake = real[:n].float(), fake[:n].float()
+    real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
+    fake_inside = torch.zeros(n, dtype=torch.bool)  # inside some real image's k-NN ball
+    fake_balls = torch.zeros(n)  # how many real balls each fake sample is inside
+    real_recalled = torch.zeros(n, dtype=torch.bool)  # some fake ball holds this real image
+    real_covered = torch.zeros(n, dtype=torch.bool)  # its own ball holds some fake sample
+    for i in range(0, n, chunk):
+        d = torch.cdist(real[i : i + chunk], fake)
+        inside = d < real_radii[i : i + chunk, None]
+        fake_inside |= inside.any(dim=0)
+        fake_balls += inside.sum(dim=0)
+        real_recalled[i : i + chunk] = (d < fake_radii[None]).any(dim=1)
+        real_covered[i : i + chunk] = inside.any(dim=1)
+    return {"precision": float(fake_inside.float().mean()), "recall": float(real_recalled.float().mean()),
+            "density": float(fake_balls.mean() / k), "coverage": float(real_covered.float().mean()),
+            "pr_samples": n}
 
 
 @dataclass(frozen=True)
