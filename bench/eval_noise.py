@@ -27,7 +27,6 @@ from pathlib import Path
 
 from offline_env import RESULTS, ROOT  # first: no telemetry, an embedded MLflow store
 
-from genloop.stages import clean, collect, train, validate  # noqa: E402
 from genloop.core.config import load_params  # noqa: E402
 from genloop.core.storage import sha256_file  # noqa: E402
 from genloop.core.workspace import Workspace  # noqa: E402
@@ -36,6 +35,7 @@ from genloop.eval.gate import paired_bootstrap  # noqa: E402
 from genloop.eval.generator_eval import evaluate_generator  # noqa: E402
 from genloop.eval.reference import load_reference  # noqa: E402
 from genloop.models import load_generator, sample  # noqa: E402
+from genloop.stages import clean, collect, train, validate  # noqa: E402
 
 
 def main() -> None:

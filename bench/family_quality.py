@@ -30,11 +30,11 @@ from typing import Any
 
 from offline_env import RESULTS, ROOT  # first: no telemetry, an embedded MLflow store
 
-from genloop.stages import clean, collect, evaluate, train, validate  # noqa: E402
 from genloop.core.config import load_params  # noqa: E402
 from genloop.core.workspace import Workspace  # noqa: E402
 from genloop.eval.extractors import get_extractor  # noqa: E402
 from genloop.models import FAMILIES  # noqa: E402
+from genloop.stages import clean, collect, evaluate, train, validate  # noqa: E402
 
 
 def main() -> None:

@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from offline_env import RESULTS  # first: no telemetry, an embedded MLflow store
-
 from build_emoji_corpus import build_corpus  # noqa: E402
+from offline_env import RESULTS  # first: no telemetry, an embedded MLflow store
 
 from genloop.core.config import load_params  # noqa: E402
 from genloop.core.workspace import Workspace  # noqa: E402

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from genloop.core.config import load_params
-from genloop.core.dataset import load_split
 from genloop.core.workspace import Workspace
 from genloop.eval import calibration, degrade
 from genloop.eval.c2st import c2st

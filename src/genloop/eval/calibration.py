@@ -18,6 +18,7 @@ reference statistics. From it:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -102,7 +103,7 @@ def _place(cal: Calibration, metric: str, value: float, ladder: str, rungs: list
     points = [(degrade.FLOOR_LEVEL[ladder], cal.floor[metric])] + [(r["level"], r["values"][metric]) for r in rungs]
     if cal.worse(metric, value, cal.floor[metric]) <= cal.noise[metric]:
         return {"level": points[0][0], "text": f"within the noise of real images (±{cal.noise[metric]:.3g})"}
-    for i, ((lo_level, lo), (hi_level, hi)) in enumerate(zip(points, points[1:])):
+    for i, ((lo_level, lo), (hi_level, hi)) in enumerate(itertools.pairwise(points)):
         if cal.worse(metric, value, lo) >= 0 and cal.worse(metric, hi, value) >= 0:
             if i + 2 < len(points) and value == hi == points[i + 2][1]:  # a judge at its ceiling, e.g. AUC 1.0
                 return {"level": hi_level, "text": f"≥ {degrade.describe(ladder, hi_level)} (the judge saturates "
@@ -163,10 +164,11 @@ def ladder_flags(metric: str, floor: float, values: list[float], noise: float,
     one by more than the noise, or fewer than half of the steps are larger than the noise."""
     sign = 1.0 if higher_is_worse else -1.0
     seq = [floor, *values]
-    steps = [sign * (b - a) for a, b in zip(seq, seq[1:])]
+    steps = [sign * (b - a) for a, b in itertools.pairwise(seq)]
     for i, step in enumerate(steps):
         if step < -noise:
-            return f"not monotone: rung {i + 1} reads better than the rung before it by {-step:.4g} (noise ±{noise:.3g})"
+            return (f"not monotone: rung {i + 1} reads better than the rung before it by {-step:.4g} "
+                    f"(noise ±{noise:.3g})")
     resolved = sum(step > noise for step in steps)
     if resolved * 2 < len(steps):
         return f"steps smaller than its noise: {resolved} of {len(steps)} steps exceed ±{noise:.3g}"

@@ -50,7 +50,7 @@ def plot(cal: Calibration, path: Path) -> None:
 
     metrics = [m for m in PLOTTED if m in cal.floor]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
         for ladder, rungs in cal.ladders.items():
             ax.plot(range(len(rungs) + 1), [cal.floor[m]] + [r["values"][m] for r in rungs], marker="o", label=ladder)
         ax.axhspan(cal.floor[m] - cal.noise[m], cal.floor[m] + cal.noise[m], color="grey", alpha=0.2)

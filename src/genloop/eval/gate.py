@@ -58,8 +58,8 @@ class Comparison:
     resamples: int
 
 
-DIVERSITY = ("recall", "coverage")
-C2ST_RESAMPLES = 50  # the C2ST gate's bootstrap: enough for a 95 % interval, in under a minute  # higher is better; the collapse guard's judges
+DIVERSITY = ("recall", "coverage")  # higher is better; the collapse guard's judges
+C2ST_RESAMPLES = 50  # the C2ST gate's bootstrap: enough for a 95 % interval, in under a minute
 
 
 def _score(metric: str, real: torch.Tensor, fake: torch.Tensor, kid_subset: int, seed: int,

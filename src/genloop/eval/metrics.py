@@ -48,6 +48,10 @@ DESCRIPTIONS = {
     "c2st_accuracy": "accuracy of the same discriminator at P(real) = 0.5; 0.5 = chance",
     "class_consistency": "share of conditional samples that an independent classifier trained on real images "
                          "assigns to the class asked for",
+    "coverage": "share of real images whose k-NN ball holds a sample (diversity, robust to outliers)",
+    "density": "how many real k-NN balls hold each sample, over k (fidelity; ~1 for real images)",
+    "curation_score": "mean of optimize's realism: the k-NN realism percentile among unseen real images "
+                      "(~0.5 for real images, lower when less real)",
 }
 
 

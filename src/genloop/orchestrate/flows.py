@@ -201,7 +201,8 @@ def _where(ws: Workspace, results: dict[str, dict[str, Any]], skipped: list[str]
         "genloop loop finished.",
         f"  model:      {reg['model_uri']} (alias '{alias}'; champion is version {reg['champion_version']}, "
         f"{reg['metric']}={reg['score']:.4f}: {reg['reason']})",
-        *[f"  {'quality:' if i == 0 else '':<12}{line}" for i, line in enumerate(results["evaluate"].get("readable", []))],
+        *[f"  {'quality:' if i == 0 else '':<12}{line}"
+          for i, line in enumerate(results["evaluate"].get("readable", []))],
         f"  generated:  {gen['folder']} ({gen['n']} images)" + (f" -> {gen['sink']}" if gen.get("sink") else ""),
         f"  curated:    {opt['folder']} ({opt['kept']} kept)" + (f" -> {opt['sink']}" if opt.get("sink") else ""),
         f"  skipped:    {', '.join(skipped) if skipped else 'nothing'} (unchanged inputs and params)",

@@ -27,10 +27,12 @@ from genloop.core.grids import make_grid
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, read_json, sha256_file, write_json_atomic
 from genloop.core.workspace import Workspace
-from genloop.eval import calibration, calibration_report, history as eval_history
+from genloop.eval import calibration, calibration_report
+from genloop.eval import history as eval_history
 from genloop.eval.calibration import Calibration
 from genloop.eval.extractors import Extractor, get_extractor
 from genloop.eval.generator_eval import GeneratorEval, asked_classes, evaluate_generator
+from genloop.eval.metrics import DESCRIPTIONS, describe
 from genloop.eval.realism import RealismScorer
 from genloop.eval.reference import Reference, load_reference
 from genloop.mlops import tracking
@@ -105,7 +107,8 @@ def calibrate(cfg: Params, ws: Workspace, extractor: Extractor, ref: Reference, 
     cal = (calibration.load_or_compute(cfg, ws, extractor, ref, train_set)
            if cfg.evaluate.calibration.enabled else None)
     name, why = calibration.choose_gate_metric(cfg, cal)
-    out: dict[str, Any] = {"gate_metric": {"name": name, "why": why}}
+    out: dict[str, Any] = {"gate_metric": {"name": name, "why": why},
+                           "definitions": {m: describe(m) for m in metrics if m in DESCRIPTIONS}}
     if cal is not None:
         out["calibration"] = calibration_report.write(cal, (name, why), ws.reports, train_set.images)
         out["ladder_position"] = calibration_report.positions(cal, metrics)
