@@ -31,7 +31,7 @@ from genloop.core.errors import GenloopError
 from genloop.core.storage import join_s3_uri, sha256_file, upload_dir
 from genloop.core.workspace import Workspace
 from genloop.eval.extractors import domain_extractor
-from genloop.eval.generator_eval import eval_key, evaluate_generator
+from genloop.eval.generator_eval import asked_classes, eval_key, evaluate_generator
 from genloop.eval.reference import load_reference
 from genloop.mlops import tracking
 from genloop.models import family, load_generator, load_torch_file, sample, save_generator
@@ -189,8 +189,9 @@ def test_malicious_evaluation_caches_are_refused(prepared: tuple, tmp_path: Path
     ref, _ = load_reference(cfg, ws, extractor)
     generator, spec = load_generator(ws.generator)
     sha = sha256_file(ws.generator)
-    evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), sha, extractor, ref)
-    eval_path = ws.cache / "evals" / f"{eval_key(cfg, sha, ref)}.pt"
+    asked = lambda n: asked_classes(spec, n)  # noqa: E731  (as evaluate asks: class consistency is part of the key)
+    evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), sha, extractor, ref, asked=asked)
+    eval_path = ws.cache / "evals" / f"{eval_key(cfg, sha, ref, asked=True)}.pt"
     ref_path = ws.cache / "reference" / f"{ref.key}.pt"
     assert extractor.path.exists() and ref_path.exists() and eval_path.exists()
     tried = 0
@@ -208,7 +209,7 @@ def test_malicious_evaluation_caches_are_refused(prepared: tuple, tmp_path: Path
     # the legitimate files still load, from the cache
     assert domain_extractor(cfg, ws).fingerprint == extractor.fingerprint
     assert load_reference(cfg, ws, extractor)[0].cached
-    assert evaluate_generator(cfg, ws, None, sha, extractor, ref).cached  # type: ignore[arg-type]
+    assert evaluate_generator(cfg, ws, None, sha, extractor, ref, asked=asked).cached  # type: ignore[arg-type]
     assert not ws.report("eval").exists()
 
 

@@ -20,11 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, norm, rankdata
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+# scipy.stats and scikit-learn are imported where they are used: together they add seconds to
+# every genloop process that imports the gate or the metrics, most of which never run a C2ST.
 from torch.nn import functional as F
 
 
@@ -65,6 +63,8 @@ def delong_interval(labels: np.ndarray, scores: np.ndarray, confidence: float) -
     """
     pos, neg = scores[labels == 1], scores[labels == 0]
     m, n = len(pos), len(neg)
+    from scipy.stats import norm, rankdata
+
     both = rankdata(np.concatenate([pos, neg]))
     v10 = (both[:m] - rankdata(pos)) / n  # per positive: share of negatives it outranks
     v01 = 1.0 - (both[m:] - rankdata(neg)) / m  # per negative: share of positives that outrank it
@@ -89,6 +89,10 @@ def _balanced(real: torch.Tensor, fake: torch.Tensor, gen: torch.Generator) -> t
 
 def discriminator() -> Any:
     """The C2ST's discriminator (see the comment in `c2st`), untrained."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
     return make_pipeline(StandardScaler(), FunctionTransformer(_with_squares), StandardScaler(),
                          LogisticRegression(C=0.1, max_iter=2000))
 
@@ -133,6 +137,9 @@ def c2st(real_train: torch.Tensor, real_test: torch.Tensor, fake: torch.Tensor, 
     model = discriminator()
     model.fit(x_train, y_train)
     p_real = model.predict_proba(x_test)[:, 1]
+    from scipy.stats import binomtest
+    from sklearn.metrics import roc_auc_score
+
     auc = float(roc_auc_score(y_test, p_real))
     auc_low, auc_high = delong_interval(y_test, p_real, confidence)
     correct = int(((p_real >= 0.5) == (y_test == 1)).sum())

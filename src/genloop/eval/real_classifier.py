@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from scipy.stats import binomtest
 from torch import nn
 from torch.nn import functional as F
 
@@ -153,6 +152,8 @@ def class_consistency(logits: torch.Tensor, asked: torch.Tensor, confidence: flo
     if n == 0:
         raise ValueError("class_consistency needs at least one sample")
     hits = int((logits.argmax(1) == asked.to(logits.device)).sum())
+    from scipy.stats import binomtest  # imported here: scipy.stats costs seconds at every genloop start
+
     ci = binomtest(hits, n).proportion_ci(confidence, method="wilson")
     return {"class_consistency": hits / n, "class_consistency_low": float(ci.low),
             "class_consistency_high": float(ci.high), "class_consistency_n": float(n)}
