@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from genloop.core.config import load_params
+from genloop.core.storage import read_json
 from genloop.core.workspace import Workspace
 from genloop.stages import clean, collect, train
 from tests.helpers import TINY
@@ -62,3 +63,40 @@ def test_more_epochs_resume_from_the_shorter_run(prepared: Path, tmp_path: Path)
     assert two["resumed_from_step"] == one["steps"] and two["steps"] == 2 * one["steps"]
     same = train.run(_params(2), ws)  # nothing left to do: the finished 2-epoch run is returned
     assert same["resumed_from_step"] == same["steps"] == two["steps"]
+
+
+BUDGET = "train.max_minutes=0.002"  # 0.12 s of training steps: a few of the 550 that 50 epochs would take
+
+
+def test_a_wall_clock_budget_ends_training_early_with_the_outputs_of_a_full_run(prepared: Path, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    ws = Workspace.at(shutil.copytree(prepared, tmp_path / "ws"))
+    summary = train.run(load_params(None, [*SETTINGS, "train.epochs=50", BUDGET]), ws)
+    steps_per_epoch = summary["images"] // 32
+    assert summary["ended_by"] == "train.max_minutes" and summary["max_minutes"] == 0.002
+    assert 1 <= summary["steps"] < 50 * steps_per_epoch, summary
+    assert summary["epochs_done"] == round(summary["steps"] / steps_per_epoch, 3) < 50
+    assert summary["images_seen"] == summary["steps"] * 32
+    for path in (ws.generator, ws.generator.with_suffix(".json"), ws.report("train"),
+                 ws.reports / "train_samples.png", ws.reports / "train.csv"):
+        assert path.stat().st_size > 0, f"{path} missing after a budget-ended run"
+    assert read_json(ws.report("train")) == summary
+    run = MlflowClient(f"sqlite:///{ws.mlflow_db}").get_run(summary["run_id"])
+    assert run.data.metrics["train_steps"] == summary["steps"]
+    assert run.data.metrics["train_epochs_done"] == summary["epochs_done"]
+    assert run.data.tags["genloop.ended_by"] == "train.max_minutes"
+    assert run.info.status == "FINISHED"
+
+
+def test_a_budget_ended_checkpoint_is_never_taken_for_a_finished_run(prepared: Path, tmp_path: Path):
+    ws = Workspace.at(shutil.copytree(prepared, tmp_path / "ws"))
+    budgeted = load_params(None, [*SETTINGS, "train.epochs=50", BUDGET])
+    first = train.run(budgeted, ws)
+    again = train.run(budgeted, ws)  # the same budget, already spent: the same model, no new step
+    assert again["resumed_from_step"] == again["steps"] == first["steps"]
+    assert again["ended_by"] == "train.max_minutes"
+    assert train.checkpoint_dir(budgeted, ws) != train.checkpoint_dir(_params(50), ws)
+    full = train.run(_params(1), ws)  # no budget: trains its epoch from step 0, not from the budget's step
+    assert full["resumed_from_step"] == 0 and full["ended_by"] == "train.epochs"
+    assert full["steps"] == full["images"] // 32 and full["epochs_done"] == 1.0

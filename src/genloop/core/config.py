@@ -192,6 +192,11 @@ class TrainParams(_Section):
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: continue from the last checkpoint of the same data and settings"
     )
+    max_minutes: float | None = Field(
+        None, gt=0,
+        description="wall-clock budget of training steps in minutes (null: none): training stops after the step "
+                    "that reaches it, with the same outputs as a full run; checkpoints are kept per budget",
+    )
 
 
 class CalibrationParams(_Section):

@@ -4,7 +4,10 @@ The whole dataset sits on the training device as uint8 (no DataLoader); batches 
 from a seeded permutation. EMA weights are kept and are what evaluation and generation
 use. Checkpoints (models, optimizers, EMA, RNG states, step) are written every
 `train.checkpoint_every` steps; with `train.resume: auto` a rerun continues from the last
-one, so a killed run loses at most that many steps.
+one, so a killed run loses at most that many steps. With `train.max_minutes` training stops after
+the step that spends that many wall-clock minutes (counted across resumed runs) and publishes as a
+full run does; its checkpoints are kept apart from unbudgeted ones, so a budget-ended model is
+never resumed as if it had finished `train.epochs`.
 """
 
 from __future__ import annotations
@@ -90,11 +93,13 @@ class EmaUpdater:
 
 
 def checkpoint_dir(cfg: Params, ws: Workspace, world_size: int = 1) -> Path:
-    """Checkpoints are shared only by runs with the same data and training settings."""
+    """Checkpoints are shared only by runs with the same data and training settings (and, for a
+    wall-clock budget, the same `train.max_minutes`: its checkpoint counts the minutes spent)."""
     t = cfg.train
+    budget = "" if t.max_minutes is None else f"|max_minutes={t.max_minutes}"
     key = sha256_bytes(
         f"{data_version(ws)}|{cfg.section_hash('data', 'model')}|"
-        f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}|{world_size}".encode()
+        f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}|{world_size}{budget}".encode()
     )[:16]
     return ws.cache / "checkpoints" / key
 
@@ -180,14 +185,39 @@ class _Session:
     history: list[dict[str, Any]] = field(default_factory=list)
     data_rng: torch.Generator = field(default_factory=torch.Generator)
     epoch_rng_state: torch.Tensor | None = None
+    trained_before: float = 0.0  # seconds of training steps before this run's clock (resumed runs)
+    clock: float | None = None  # perf_counter when this run's steps started; None when stopped
+    budget_ended: bool = False  # train.max_minutes stopped training before total_steps
 
     @property
     def labels_on(self) -> bool:
         return bool(self.spec.classes)
 
+    def seconds_trained(self) -> float:
+        """Wall-clock seconds of training steps, this run's and those of the runs it resumed."""
+        return self.trained_before + (time.perf_counter() - self.clock if self.clock is not None else 0.0)
+
+    def stop_clock(self) -> None:
+        self.trained_before, self.clock = self.seconds_trained(), None
+
+    def check_budget(self) -> None:
+        """Set `budget_ended` once train.max_minutes is spent (rank 0's clock decides for every rank)."""
+        budget = self.cfg.train.max_minutes
+        if budget is None or self.step >= self.total_steps:
+            return
+        spent = self.seconds_trained() >= 60.0 * budget
+        if self.world.distributed:  # every rank must stop after the same step
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(spent)], device=self.rt.device)
+            dist.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        self.budget_ended = spent
+
     def checkpoint(self) -> None:
         _save_checkpoint(self.last, self.trainer, self.ema, {
-            "step": self.step, "epoch_rng_state": self.epoch_rng_state, "history_rows": self.history})
+            "step": self.step, "epoch_rng_state": self.epoch_rng_state, "history_rows": self.history,
+            "trained_seconds": self.seconds_trained(), "budget_ended": self.budget_ended})
 
 
 def _prepare(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) -> _Session:
@@ -234,7 +264,8 @@ def _resume(s: _Session) -> None:
         return
     s.step, s.history = int(state["step"]), list(state.get("history_rows", []))
     s.epoch_rng_state = state["epoch_rng_state"]
-    log.info("train: resuming from %s at step %d", s.last, s.step)
+    s.trained_before = float(state.get("trained_seconds", 0.0))  # train.max_minutes counts these too
+    log.info("train: resuming from %s at step %d (%.1f s trained)", s.last, s.step, s.trained_before)
 
 
 def _step_values(s: _Session, losses: dict[str, torch.Tensor], resumed_from: int, start: float) -> dict[str, float]:
@@ -248,9 +279,10 @@ def _step_values(s: _Session, losses: dict[str, torch.Tensor], resumed_from: int
 def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, resumed_from: int) -> None:
     """The training loop: epochs of seeded permutations, EMA updates, logs and checkpoints."""
     t, world, main = s.cfg.train, s.world, s.world.is_main
-    start = time.perf_counter()
+    s.clock = start = time.perf_counter()
+    s.check_budget()  # a resumed run may have spent train.max_minutes already
     n = len(s.data)
-    while s.step < s.total_steps:
+    while s.step < s.total_steps and not s.budget_ended:
         epoch = s.step // s.steps_per_epoch
         s.data_rng.set_state(s.epoch_rng_state)
         perm = torch.randperm(n, generator=s.data_rng).to(s.rt.device)
@@ -264,7 +296,8 @@ def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, r
             losses = s.step_fn(x, y, s.rt.autocast())
             s.update_ema(distributed.unwrap(s.trainer.generator))
             s.step += 1
-            if metrics is not None and (s.step % t.log_every == 0 or s.step == s.total_steps):
+            s.check_budget()
+            if metrics is not None and (s.step % t.log_every == 0 or s.step == s.total_steps or s.budget_ended):
                 values = _step_values(s, losses, resumed_from, start)
                 metrics.add(s.step, values)
                 s.history.append({"step": s.step, "epoch": epoch + 1, **values})
@@ -274,9 +307,14 @@ def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, r
             bar.advance()
             if main and s.step % t.checkpoint_every == 0:
                 s.checkpoint()
+            if s.budget_ended:
+                break
+        if s.step < (epoch + 1) * s.steps_per_epoch:  # ended mid-epoch: a resumed run redraws this permutation
+            break
         s.epoch_rng_state = s.data_rng.get_state()
         if metrics is not None:
             metrics.image(_grid(s.ema, s.spec, t.grid_size), f"samples/epoch_{epoch + 1:03d}.png")
+    s.stop_clock()
 
 
 def _publish(s: _Session) -> None:
@@ -302,6 +340,11 @@ def _summary(s: _Session, run_id: str, resumed_from: int, seconds: float) -> dic
         "images": len(s.data),
         "steps": s.step,
         "epochs": s.cfg.train.epochs,
+        "epochs_done": round(s.step / s.steps_per_epoch, 3),
+        "images_seen": s.step * s.batch * s.world.size,
+        "max_minutes": s.cfg.train.max_minutes,
+        "ended_by": "train.max_minutes" if s.budget_ended else "train.epochs",
+        "seconds_trained_total": round(s.trained_before, 2),
         "resumed_from_step": resumed_from,
         "seconds": round(seconds, 2),
         "img_per_s": round(trained * s.batch * s.world.size / seconds, 1) if trained and seconds > 0 else None,
@@ -337,7 +380,12 @@ def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) ->
             return {"rank": world.rank, "steps": s.step, "seconds": round(seconds, 2)}
         _publish(s)
         summary = _summary(s, run.info.run_id, resumed_from, seconds)
-        tracking.log_metrics({"train_seconds": seconds, "train_steps": s.step})
+        tracking.log_metrics({"train_seconds": seconds, "train_steps": s.step,
+                              "train_epochs_done": summary["epochs_done"]})
+        tracking.tag_run({"genloop.ended_by": summary["ended_by"]})
     write_json_atomic(ws.report("train"), summary)
     log.info("train: %d steps in %.1fs on %s", s.step, seconds, rt.describe())
+    if s.budget_ended:
+        log.info("train: train.max_minutes=%g ended training after step %d of %d (%.2f of %d epochs)",
+                 cfg.train.max_minutes, s.step, s.total_steps, summary["epochs_done"], cfg.train.epochs)
     return summary
