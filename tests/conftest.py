@@ -64,6 +64,23 @@ S3_ENV_VARS = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_judges(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One judge cache for the session ($GENLOOP_JUDGE_CACHE, inherited by every CLI subprocess):
+    workspaces built from the same tiny corpus reuse the extractor, the real-image classifier,
+    the reference statistics and the calibration the first of them trained, as checkouts of a
+    project do (entries are keyed by content, never by path). Session-scoped, so it is set
+    before any module-scoped workspace fixture runs a stage."""
+    path = tmp_path_factory.mktemp("judges")
+    before = os.environ.get("GENLOOP_JUDGE_CACHE")
+    os.environ["GENLOOP_JUDGE_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("GENLOOP_JUDGE_CACHE", None)
+    else:
+        os.environ["GENLOOP_JUDGE_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No telemetry from DVC, no S3 endpoint or credentials leaking in from the host."""

@@ -181,9 +181,13 @@ def test_a_malicious_training_checkpoint_is_refused_on_resume(prepared: tuple, t
     assert not ws.report("train").exists()
 
 
-def test_malicious_evaluation_caches_are_refused(prepared: tuple, tmp_path: Path) -> None:
-    """The cached extractor, reference statistics and evaluation under .genloop/cache/."""
+def test_malicious_evaluation_caches_are_refused(
+    prepared: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _shared_judges: Path
+) -> None:
+    """The cached extractor and reference statistics (the judge cache) and the evaluation (.genloop/cache/)."""
     ws, cfg = _workspace_copy(prepared, tmp_path / "ws")
+    # the payloads go into a private copy of the session's judge cache, never the one other tests read
+    monkeypatch.setenv("GENLOOP_JUDGE_CACHE", str(shutil.copytree(_shared_judges, tmp_path / "judges")))
     marker = tmp_path / "pwned"
     extractor = domain_extractor(cfg, ws)  # legitimate entries first, to learn their paths
     ref, _ = load_reference(cfg, ws, extractor)
@@ -192,7 +196,7 @@ def test_malicious_evaluation_caches_are_refused(prepared: tuple, tmp_path: Path
     asked = lambda n: asked_classes(spec, n)  # noqa: E731  (as evaluate asks: class consistency is part of the key)
     evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), sha, extractor, ref, asked=asked)
     eval_path = ws.cache / "evals" / f"{eval_key(cfg, sha, ref, asked=True)}.pt"
-    ref_path = ws.cache / "reference" / f"{ref.key}.pt"
+    ref_path = ws.judge_cache / "reference" / f"{ref.key}.pt"
     assert extractor.path.exists() and ref_path.exists() and eval_path.exists()
     tried = 0
     for path in (eval_path, ref_path, extractor.path):

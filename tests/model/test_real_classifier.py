@@ -23,7 +23,7 @@ def test_real_classifier_is_cached_and_judges_real_digits_as_their_class(tmp_pat
     collect.run(cfg, ws)
     clean.run(cfg, ws)
     clf = real_classifier(cfg, ws)
-    assert clf is not None and clf.path.parent == ws.cache / "classifiers"
+    assert clf is not None and clf.path.parent == ws.judge_cache / "classifiers"
     holdout = load_split(ws, "holdout", classes=clf.classes)
     # real holdout digits "asked for" their true class: consistency is the classifier's own accuracy
     out = class_consistency(clf.logits(holdout.images), holdout.labels)

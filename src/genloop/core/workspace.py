@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,15 @@ class Workspace:
     @property
     def cache(self) -> Path:
         return self.root / ".genloop" / "cache"
+
+    @property
+    def judge_cache(self) -> Path:
+        """Where trained judges live (extractors, real-image classifiers, reference statistics,
+        calibration): $GENLOOP_JUDGE_CACHE when set, so checkouts and CI jobs on the same corpus
+        share them (every entry is keyed by content: data version, manifest, params, recipe);
+        else the workspace's own cache."""
+        shared = os.environ.get("GENLOOP_JUDGE_CACHE")
+        return Path(shared).expanduser().resolve() if shared else self.cache
 
     @property
     def mlflow_db(self) -> Path:

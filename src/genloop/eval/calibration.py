@@ -233,7 +233,7 @@ def load_or_compute(cfg: Params, ws: Workspace, extractor: Extractor, ref: Refer
                     train_set: ImageSet) -> Calibration:
     """The calibration of this data version and extractor: cached beside the reference statistics."""
     key = calibration_key(cfg, ref)
-    path = ws.cache / "reference" / f"calibration-{key}.json"
+    path = ws.judge_cache / "reference" / f"calibration-{key}.json"
     if path.exists():
         try:
             cal = Calibration(**json.loads(path.read_text()))

@@ -118,7 +118,7 @@ def real_classifier(cfg: Params, ws: Workspace) -> RealClassifier | None:
     epochs = cfg.evaluate.classifier_epochs
     key = sha256_bytes(f"{data_version(ws)}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{epochs}|"
                        f"{train.classes}|{RECIPE}".encode())[:16]
-    path = ws.cache / "classifiers" / f"{key}.pt"
+    path = ws.judge_cache / "classifiers" / f"{key}.pt"
     module = RealClassifierNet(train.images.shape[1], len(train.classes))
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():

@@ -58,7 +58,7 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
     train_set = load_split(ws, "train")
     n_samples = cfg.evaluate.n_samples
     key = reference_key(ws, extractor, len(holdout_set), len(train_set), n_samples)
-    path = ws.cache / "reference" / f"{key}.pt"
+    path = ws.judge_cache / "reference" / f"{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         tensors = load_torch_file(path, "cached reference statistics", keys=("holdout", "train"),
