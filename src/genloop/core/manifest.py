@@ -73,6 +73,17 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return read_table(path, MANIFEST_COLUMNS, "manifest", "clean")
 
 
+def corpus_mode(path: Path) -> str:
+    """The mode (L or RGB) clean resolved for the data version in the manifest at `path`: its
+    `mode` column is the one source of truth for every stage after clean (with data.mode=auto
+    the params do not say it; reports/clean.json says why clean chose it)."""
+    modes = set(read_manifest(path)["mode"].dropna())
+    if len(modes) != 1:
+        found = ", ".join(sorted(modes)) or "no image"
+        raise StageInputMissing(f"{path} should hold images of one mode, it holds {found}: rerun `genloop clean`")
+    return modes.pop()
+
+
 @dataclass
 class Item:
     """One file offered by a collect source, before it becomes a ledger row."""

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from genloop.core.config import Params
 from genloop.core.dataset import ImageSet, load_split, to_unit
 from genloop.core.errors import ConfigError, GenloopError
+from genloop.core.manifest import corpus_mode
 from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
@@ -229,7 +230,7 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
     data = load_split(ws, "train")
     channels = data.images.shape[1]
     key = sha256_bytes(
-        f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{cfg.data.mode}|"
+        f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{corpus_mode(ws.manifest)}|"
         f"{cfg.evaluate.extractor_epochs}|{data.classes}|{RECIPE}".encode()
     )[:16]
     path = ws.cache / "extractors" / f"{key}.pt"

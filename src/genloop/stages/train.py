@@ -27,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from genloop.core.config import Params
 from genloop.core.dataset import ImageSet, load_split, to_unit
 from genloop.core.grids import make_grid
+from genloop.core.manifest import corpus_mode
 from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, read_json, sha256_bytes, write_json_atomic, write_text_atomic
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 GRID_SEED = 7
 
 
-def _spec(cfg: Params, data: ImageSet) -> GeneratorSpec:
+def _spec(cfg: Params, data: ImageSet, mode: str) -> GeneratorSpec:
+    """The generator to train; `mode`: the corpus mode clean resolved (not data.mode, which may be auto)."""
     conditional = cfg.model.conditional == "yes" or (
         cfg.model.conditional == "auto" and data.labels is not None
     )
@@ -51,7 +53,7 @@ def _spec(cfg: Params, data: ImageSet) -> GeneratorSpec:
     return GeneratorSpec(
         family=cfg.model.family,
         resolution=cfg.data.resolution,
-        channels=1 if cfg.data.mode == "L" else 3,
+        channels=1 if mode == "L" else 3,
         classes=data.classes if conditional else [],
         hparams=hparams,
     )
@@ -98,7 +100,7 @@ def checkpoint_dir(cfg: Params, ws: Workspace, world_size: int = 1) -> Path:
     t = cfg.train
     budget = "" if t.max_minutes is None else f"|max_minutes={t.max_minutes}"
     key = sha256_bytes(
-        f"{data_version(ws)}|{cfg.section_hash('data', 'model')}|"
+        f"{data_version(ws)}|{cfg.section_hash('data', 'model')}|{corpus_mode(ws.manifest)}|"
         f"{t.batch_size}|{t.lr}|{t.beta1}|{t.ema_decay}|{t.seed}|{t.precision}|{world_size}{budget}".encode()
     )[:16]
     return ws.cache / "checkpoints" / key
@@ -225,7 +227,7 @@ def _prepare(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) 
     t = cfg.train
     torch.manual_seed(t.seed)
     data = load_split(ws, "train")
-    spec = _spec(cfg, data)
+    spec = _spec(cfg, data, corpus_mode(ws.manifest))
     data = data.to(rt.device)
     trainer = family(spec.family).Trainer(spec, t.lr, t.beta1, rt.device)
     if rt.channels_last:
@@ -364,7 +366,7 @@ def _train(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) ->
     with tracking.stage_run(ws, cfg, "train", log_params=True) if main else contextlib.nullcontext() as run:
         if main:
             tracking.tag_run({"genloop.device": rt.describe(), "genloop.resumed_from_step": resumed_from,
-                              "genloop.world_size": world.size})
+                              "genloop.world_size": world.size, "genloop.data_mode": corpus_mode(ws.manifest)})
         metrics = tracking.MetricBuffer(run.info.run_id, every=cfg.train.log_every) if main else None
         start = time.perf_counter()
         if not main:  # one progress report per run, not one per process
