@@ -171,9 +171,12 @@ def make_zoo(src: Path) -> None:
 
 
 def params(src: Path, *overrides: str) -> Params:
+    """Clean params for `src`; grey (data.mode=L) unless overridden: the zoo's checks are of grey
+    conversion (data.mode=auto has its own tests in test_data_mode.py)."""
     return load_params(
         None,
         [
+            "data.mode=L",
             "collect.dvc_add=false",
             f"collect.sources=['{src}']",
             f"data.resolution={RES}",

@@ -110,6 +110,18 @@ def test_literal_out_of_set_names_allowed_values() -> None:
     assert "'L'" in msg and "'RGB'" in msg
 
 
+def test_data_mode_defaults_to_auto_and_background_is_a_checked_colour() -> None:
+    cfg = load_params(None, [])
+    assert cfg.data.mode == "auto" and cfg.data.background == "#ffffff"
+    assert load_params(None, ["data.background=Black"]).data.background == "#000000"  # names and #rgb: #rrggbb
+    assert load_params(None, ["data.background='#F80'"]).data.background == "#ff8800"
+    for value, hint in (("mauvish", "is not a colour"), ("'#ffffff80'", "must be opaque"),
+                        ("#ffffff", "quote a hex colour")):  # unquoted, YAML reads a comment: null
+        with pytest.raises(ConfigError) as info:
+            load_params(None, [f"data.background={value}"])
+        assert "data.background" in str(info.value) and hint in str(info.value)
+
+
 def test_bound_violation_names_key() -> None:
     with pytest.raises(ConfigError) as info:
         load_params(None, ["train.epochs=0"])

@@ -44,7 +44,10 @@ class Source(_Section):
 
 class DataParams(_Section):
     resolution: int = Field(32, description="side of the square training images, a power of 2")
-    mode: Literal["L", "RGB"] = "L"
+    mode: Literal["auto", "L", "RGB"] = Field(
+        "auto", description="auto: RGB when any image has colour, L when every image is grey (clean decides)"
+    )
+    background: str = Field("#ffffff", description="transparency is composited on this colour: a name or #rrggbb")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=0.9)
 
     @field_validator("resolution")
@@ -54,6 +57,22 @@ class DataParams(_Section):
         if v not in allowed:
             raise ValueError(f"must be one of {allowed}")
         return v
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _opaque_colour(cls, v: Any) -> str:
+        """A colour name or hex code, stored as #rrggbb (so `white` and `#FFF` share a clean cache)."""
+        from PIL import ImageColor
+
+        if v is None:  # YAML reads an unquoted #ffffff as a comment: nothing
+            raise ValueError("is empty: quote a hex colour in YAML ('#ffffff'), or give a name such as white")
+        try:
+            rgb = ImageColor.getrgb(str(v))
+        except ValueError:
+            raise ValueError("is not a colour: give a name (white, black, grey) or a hex code ('#ffffff')") from None
+        if len(rgb) == 4 and rgb[3] != 255:
+            raise ValueError("must be opaque (transparency is composited on it): drop the alpha part")
+        return "#{:02x}{:02x}{:02x}".format(*rgb[:3])
 
 
 class CollectParams(_Section):

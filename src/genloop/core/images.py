@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 
 class RejectedImage(Exception):
@@ -23,6 +23,7 @@ class Normalised:
     width: int  # of the original image
     height: int
     original_mode: str
+    colour: bool  # whether the image has colour (has_colour), whatever mode it was converted to
     note: str | None = None  # how the image was read, when that is not obvious (animation)
 
 
@@ -34,23 +35,46 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(((arr - lo) * scale).round().astype(np.uint8), mode="L")
 
 
-def _composite_on_white(img: Image.Image) -> Image.Image:
+def _composite(img: Image.Image, background: str) -> Image.Image:
     rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+    under = Image.new("RGBA", rgba.size, ImageColor.getrgb(background))
+    return Image.alpha_composite(under, rgba).convert("RGB")
 
 
-def to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL mode to L or RGB; transparency is composited on white."""
+GREY_MODES = frozenset({"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # no colour, no alpha
+COLOUR_TOLERANCE = 8  # channels this many levels (of 255) apart still read grey: JPEG chroma noise
+COLOUR_SHARE = 0.01  # an image has colour when more than this share of its pixels are coloured
+
+
+def to_mode(img: Image.Image, mode: str, background: str = "#ffffff") -> Image.Image:
+    """Convert any PIL mode to L or RGB; transparency is composited on `background`."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _to_8bit(img)
     elif img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        img = _composite_on_white(img)
+        img = _composite(img, background)
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
     return img.convert(mode)
+
+
+def has_colour(img: Image.Image, side: int = 64) -> bool:
+    """Whether an image converted by `to_mode` has colour: looked at about `side` pixels wide
+    (a box-filter reduction, so a 40-megapixel photo costs little), more than COLOUR_SHARE of
+    its pixels have channels more than COLOUR_TOLERANCE levels apart. A grey palette, RGB
+    that only repeats the grey level, or transparency on a grey background: no colour."""
+    if img.mode != "RGB":
+        return False
+    factor = max(1, min(img.size) // side)
+    arr = np.asarray(img.reduce(factor) if factor > 1 else img, dtype=np.int16)
+    coloured = (arr.max(axis=2) - arr.min(axis=2)) > COLOUR_TOLERANCE
+    return float(coloured.mean()) > COLOUR_SHARE
+
+
+def may_have_colour(img: Image.Image) -> bool:
+    """False when the decoded mode itself rules colour out (grey without transparency)."""
+    return img.mode not in GREY_MODES or "transparency" in img.info
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -88,9 +112,11 @@ def decode_frames(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
 
 
 def normalise(
-    data: bytes, *, mode: str, resolution: int, max_pixels: int, min_side: int, blank_std: float
+    data: bytes, *, mode: str, resolution: int, max_pixels: int, min_side: int, blank_std: float,
+    background: str = "#ffffff",
 ) -> Normalised:
-    """Decode, convert, square-crop, resize and re-encode an image without metadata."""
+    """Decode, convert (`mode` L or RGB, transparency on `background`), square-crop, resize and
+    re-encode an image without metadata; whether it has colour is judged on the same decode."""
     import imagehash
 
     img, frames = decode_frames(data, max_pixels)
@@ -98,7 +124,10 @@ def normalise(
     original_mode = img.mode
     if min(width, height) < min_side:
         raise RejectedImage(f"too small: {width}x{height} < clean.min_side={min_side}")
-    img = to_mode(img, mode)
+    # an image that may have colour is converted to RGB once: judged there, then made grey if asked
+    rgb = to_mode(img, "RGB", background) if may_have_colour(img) else None
+    colour = rgb is not None and has_colour(rgb, resolution)
+    img = rgb.convert(mode) if rgb is not None else to_mode(img, mode, background)
     img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)
     pixels = np.asarray(img)
     std = float(pixels.std())
@@ -115,6 +144,7 @@ def normalise(
         width=width,
         height=height,
         original_mode=original_mode,
+        colour=colour,
         note=f"animated: {frames} frames, the first frame is used" if frames > 1 else None,
     )
 

@@ -1,11 +1,21 @@
 """clean: turn data/raw into normalised, deduplicated training images plus a manifest.
 
 Every raw file is decoded fully (corrupt, truncated, empty, non-image, bombs and blank
-images are dropped with a reason), converted to `data.mode`, square-cropped and resized to
-`data.resolution`, and re-encoded without metadata. Exact duplicates (same pixels) and
-near duplicates (perceptual hash within `clean.near_duplicate_distance`) are dropped.
-Per-file results are cached by (raw sha256, normalisation params), so a second clean over
-an unchanged data/raw decodes nothing again.
+images are dropped with a reason), converted to the corpus mode (transparency composited on
+`data.background`), square-cropped and resized to `data.resolution`, and re-encoded without
+metadata. Exact duplicates (same pixels) and near duplicates (perceptual hash within
+`clean.near_duplicate_distance`) are dropped. Per-file results are cached by (raw sha256,
+normalisation params, mode), so a second clean over an unchanged data/raw decodes nothing again.
+
+The corpus mode: `data.mode` L or RGB as set, or with `auto` RGB when any image clean keeps has
+colour (`genloop.core.images.has_colour`) and L when every one is grey, decided over the whole
+corpus on every run. The decision reuses the per-file decode: the colour of each file is cached
+with its result, files new to the cache are cleaned as grey until the first one with colour
+turns up, and then every file is cleaned in RGB (a grey corpus is decoded once, a colour corpus
+once plus the files before its first colour one). When the mode changes (a colour image joins a
+grey corpus) every image is cleaned again in the new mode: each mode has its own cache. The
+manifest's `mode` column is the resolved mode every later stage reads (`corpus_mode`);
+reports/clean.json says why it was chosen.
 """
 
 from __future__ import annotations
@@ -37,12 +47,15 @@ CACHE_COLUMNS = {
     "width": "Int64",
     "height": "Int64",
     "original_mode": "string",
+    "colour": "boolean",  # <NA> when dropped
     "note": "string",  # <NA> unless reading it needed a choice (an animation: its first frame)
 }
 
 
-def _cache_dir(cfg: Params, ws: Workspace) -> Path:
-    key = cfg.section_hash("data", "clean")
+def _cache_dir(cfg: Params, ws: Workspace, mode: str) -> Path:
+    """The per-file cache of one resolved mode (auto and the mode it resolved to share one)."""
+    resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mode": mode})})
+    key = resolved.section_hash("data", "clean")
     return ws.cache / "clean" / key
 
 
@@ -55,13 +68,16 @@ def _load_cache(cache: Path) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
 
 
-def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, cache: Path) -> tuple[pd.DataFrame, int]:
-    """Normalise every ledger file not yet in the cache; return the cache index and #new."""
+def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
+             until_colour: bool = False) -> tuple[pd.DataFrame, int]:
+    """Normalise in `mode` every ledger file not yet in that mode's cache (with `until_colour`:
+    stop after the first kept one with colour); return the cache index and #new."""
+    cache = _cache_dir(cfg, ws, mode)
     index = _load_cache(cache)
     done = set(index["raw_sha256"])
     todo = ledger[~ledger["sha256"].isin(done)]
     rows: list[dict[str, object]] = []
-    with Progress("clean", len(todo), "files") as bar:
+    with Progress(f"clean ({mode})", len(todo), "files") as bar:
         for sha, rel in zip(todo["sha256"], todo["file"], strict=True):
             row: dict[str, object] = {"raw_sha256": sha}
             path = ws.raw / rel
@@ -70,11 +86,12 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, cache: Path) -> t
                     raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`")
                 out = normalise(
                     path.read_bytes(),
-                    mode=cfg.data.mode,
+                    mode=mode,
                     resolution=cfg.data.resolution,
                     max_pixels=cfg.clean.max_pixels,
                     min_side=cfg.clean.min_side,
                     blank_std=cfg.clean.blank_std,
+                    background=cfg.data.background,
                 )
             except RejectedImage as exc:
                 row["reason"] = str(exc)
@@ -86,14 +103,51 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, cache: Path) -> t
                     width=out.width,
                     height=out.height,
                     original_mode=out.original_mode,
+                    colour=out.colour,
                     note=out.note,
                 )
             rows.append(row)
             bar.advance(dropped=sum(1 for r in rows if "reason" in r))
+            if until_colour and row.get("colour"):
+                break
     if rows:
-        index = pd.concat([index, pd.DataFrame(rows)], ignore_index=True).astype(CACHE_COLUMNS)
+        new = pd.DataFrame(rows).reindex(columns=list(CACHE_COLUMNS)).astype(CACHE_COLUMNS)
+        # an empty index is left out: pandas warns about concatenating empty or all-NA frames
+        index = pd.concat([index, new], ignore_index=True) if len(index) else new
         write_table_any(index, cache / "index.parquet")
     return index, len(rows)
+
+
+def _kept_colour(index: pd.DataFrame, ledger: pd.DataFrame) -> tuple[int, int]:
+    """(ledger files in `index` kept by the per-file checks that have colour, all of them kept)."""
+    rows = index[index["raw_sha256"].isin(ledger["sha256"]) & index["reason"].isna()]
+    return int(rows["colour"].fillna(False).sum()), len(rows)
+
+
+def _clean_files(cfg: Params, ws: Workspace, ledger: pd.DataFrame) -> tuple[str, pd.DataFrame, int]:
+    """The corpus mode, its per-file cache index, and how many files were decoded for them."""
+    if cfg.data.mode != "auto":
+        return cfg.data.mode, *_process(cfg, ws, ledger, cfg.data.mode)
+    decoded = 0
+    # a file either mode's cache already knows to have colour settles it without decoding anything
+    known = any(_kept_colour(_load_cache(_cache_dir(cfg, ws, m)), ledger)[0] for m in ("L", "RGB"))
+    if not known:
+        index, decoded = _process(cfg, ws, ledger, "L", until_colour=True)
+        if not _kept_colour(index, ledger)[0]:
+            return "L", index, decoded
+    index, processed = _process(cfg, ws, ledger, "RGB")
+    return "RGB", index, decoded + processed
+
+
+def _mode_report(cfg: Params, mode: str, index: pd.DataFrame, ledger: pd.DataFrame) -> dict[str, Any]:
+    """The mode clean used and why: the report's first lines."""
+    colour, images = _kept_colour(index, ledger)
+    counted = f"{colour:,} of {images:,} images have colour"
+    if cfg.data.mode != "auto":
+        reason = f"set by data.mode ({counted})"
+    else:
+        reason = counted if mode == "RGB" else f"every image is grey ({images:,} images)"
+    return {"mode": mode, "mode_reason": reason, "colour_images": colour, "background": cfg.data.background}
 
 
 def write_table_any(df: pd.DataFrame, path: Path) -> None:
@@ -202,8 +256,8 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     ledger = read_ledger(ws.ledger)
     negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
     ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
-    cache = _cache_dir(cfg, ws)
-    index, processed = _process(cfg, ws, ledger, cache)
+    mode, index, processed = _clean_files(cfg, ws, ledger)
+    cache = _cache_dir(cfg, ws, mode)
     results = ledger.merge(index, left_on="sha256", right_on="raw_sha256", how="left")
     rejected = results[results["reason"].notna()]
     kept, dup_drops = _dedupe(results[results["reason"].isna()].reset_index(drop=True),
@@ -211,7 +265,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
 
     kept = kept.assign(
         id=kept["raw_sha256"].str.slice(0, 16),
-        mode=cfg.data.mode,
+        mode=mode,
         # generated images (source feedback:) always train: the holdout is evaluation's *real* reference
         split=[("train" if src == FEEDBACK_SOURCE else _split(s, cfg.data.holdout_fraction))
                for s, src in zip(kept["raw_sha256"], kept["source"], strict=True)],
@@ -221,12 +275,13 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     kept["width"] = cfg.data.resolution
     kept["height"] = cfg.data.resolution
 
-    report = _report(ledger, kept, rejected, dup_drops, negatives, processed)
+    report = _mode_report(cfg, mode, index, ledger) | _report(ledger, kept, rejected, dup_drops, negatives, processed)
     dropped = report["dropped_files"]
     with atomic_outputs() as out:  # data/clean, the manifest and the report: all three or none
         _publish(cache, kept, out.folder(ws.clean))
         conform(kept, MANIFEST_COLUMNS).to_parquet(out.file(ws.manifest), index=False)
         out.write_json(ws.report("clean"), report)
+    log.info("clean: mode %s, %s; transparency composited on %s", mode, report["mode_reason"], cfg.data.background)
     log.info("clean: kept %d of %d (%d dropped, %d decoded, %d reused)",
              len(kept), len(ledger), len(dropped), processed, len(ledger) - processed)
     return {k: v for k, v in report.items() if k not in ("dropped_files", "notes")} | {"notes": len(report["notes"])}

@@ -20,6 +20,7 @@ import numpy as np
 from genloop.core.config import Params
 from genloop.core.errors import GenloopError
 from genloop.core.images import RejectedImage, load_png_array, normalise
+from genloop.core.manifest import corpus_mode
 from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
 from genloop.core.storage import write_json_atomic
@@ -34,19 +35,22 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
-def read_folder(cfg: Params, folder: Path) -> tuple[np.ndarray, list[dict[str, str]], str]:
-    """Every image under `folder` normalised as clean does (uint8 NHWC), the files it could not
-    use with the reason, and a hash of the pixels (the evaluation cache key)."""
+def read_folder(cfg: Params, ws: Workspace, folder: Path) -> tuple[np.ndarray, list[dict[str, str]], str]:
+    """Every image under `folder` normalised as clean did the current data version (uint8 NHWC),
+    the files it could not use with the reason, and a hash of the pixels (the evaluation cache key)."""
     if not folder.is_dir():
         raise GenloopError(f"{folder} is not a folder: give `genloop score` a folder of images")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    arrays, rejected, digest = [], [], hashlib.sha256(f"{cfg.data.mode}{cfg.data.resolution}".encode())
+    mode = corpus_mode(ws.manifest)  # the data version's mode: the folder is judged against its images
+    arrays, rejected = [], []
+    digest = hashlib.sha256(f"{mode}{cfg.data.resolution}{cfg.data.background}".encode())
     c = cfg.clean
     with Progress("score: reading", len(files), "images") as bar:
         for path in files:
             try:
-                norm = normalise(path.read_bytes(), mode=cfg.data.mode, resolution=cfg.data.resolution,
-                                 max_pixels=c.max_pixels, min_side=c.min_side, blank_std=c.blank_std)
+                norm = normalise(path.read_bytes(), mode=mode, resolution=cfg.data.resolution,
+                                 max_pixels=c.max_pixels, min_side=c.min_side, blank_std=c.blank_std,
+                                 background=cfg.data.background)
             except RejectedImage as exc:
                 rejected.append({"file": str(path.relative_to(folder)), "reason": str(exc)})
             else:
@@ -62,7 +66,7 @@ def read_folder(cfg: Params, folder: Path) -> tuple[np.ndarray, list[dict[str, s
 
 def run(cfg: Params, ws: Workspace, folder: Path, out: Path | None = None) -> dict[str, Any]:
     """Score the images under `folder` against the current data version; write the report."""
-    images, rejected, folder_sha = read_folder(cfg, folder)
+    images, rejected, folder_sha = read_folder(cfg, ws, folder)
     extractor = get_extractor(cfg, ws)
     ref, train_set = load_reference(cfg, ws, extractor)
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 The manifest is checked against an expectation suite ("genloop_manifest") built from
 params: row count bounds, unique ids and hashes, no nulls in required columns, image size
-and mode as configured, known splits, and, when the dataset has labels, no missing labels
+and one mode as configured (auto: L or RGB), known splits, and, when labelled, no missing labels
 and a bounded class imbalance (largest / smallest class count <= validate.max_class_ratio).
 
 GE runs from a file-backed context in `<workspace>/gx/`; a Checkpoint with an
@@ -76,15 +76,17 @@ def build_expectations(cfg: Params, labelled: bool) -> list[Any]:
     ]
     exps += [gxe.ExpectColumnValuesToBeUnique(column=c) for c in UNIQUE_COLUMNS]
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED_COLUMNS]
-    res = cfg.data.resolution
+    res, auto = cfg.data.resolution, cfg.data.mode == "auto"
     exps += [
         gxe.ExpectColumnValuesToBeBetween(column=c, min_value=res, max_value=res)
         for c in ("width", "height")
     ]
     exps += [
-        gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=[cfg.data.mode]),
+        gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=["L", "RGB"] if auto else [cfg.data.mode]),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
     ]
+    if auto:  # clean chose L or RGB for the whole corpus: one of them, the same on every row
+        exps.append(gxe.ExpectColumnUniqueValueCountToBeBetween(column="mode", min_value=1, max_value=1))
     if labelled:
         exps += [
             gxe.ExpectColumnValuesToNotBeNull(column="label"),
