@@ -28,6 +28,7 @@ import torch
 from genloop.core.config import load_params
 from genloop.core.dataset import load_split
 from genloop.core.errors import GenloopError
+from genloop.core.manifest import corpus_mode
 from genloop.core.storage import join_s3_uri, sha256_file, upload_dir
 from genloop.core.workspace import Workspace
 from genloop.eval.extractors import domain_extractor
@@ -142,7 +143,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Workspa
         cfg = load_params(None, SETTINGS)
         collect.run(cfg, ws)
         clean.run(cfg, ws)
-        spec = train._spec(cfg, load_split(ws, "train"))  # what `genloop train` would build
+        # what `genloop train` would build
+        spec = train._spec(cfg, load_split(ws, "train"), corpus_mode(ws.manifest))
         save_generator(family(spec.family).build_generator(spec), spec, ws.generator)
         yield ws, cfg
 

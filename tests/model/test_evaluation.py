@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from genloop.core.config import load_params
 from genloop.core.dataset import load_split, to_unit
 from genloop.core.errors import GenloopError
+from genloop.core.manifest import corpus_mode
 from genloop.core.workspace import Workspace
 from genloop.eval.extractors import embed, embed_with_logits, get_extractor, to_nchw_uint8
 from genloop.eval.gate import decide, paired_bootstrap
@@ -169,7 +170,7 @@ def noisy_pair(data_ws) -> tuple:
     ref, _ = load_reference(cfg, ws, extractor)
     data = load_split(ws, "train")
     vae = load_params(None, [*SETTINGS, "model.family=vae", "model.vae.latent_dim=8", "model.vae.width=8"])
-    spec = train._spec(vae, data)
+    spec = train._spec(vae, data, corpus_mode(ws.manifest))
     torch.manual_seed(0)
     trainer = family("vae").Trainer(spec, vae.train.lr, vae.train.beta1, torch.device("cpu"))
     order = torch.Generator().manual_seed(0)
