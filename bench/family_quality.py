@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_stages import prepare_corpus, print_table  # noqa: E402
 from offline_env import RESULTS, ROOT  # first: no telemetry, an embedded MLflow store
 
 from genloop.core.config import load_params  # noqa: E402
 from genloop.core.workspace import Workspace  # noqa: E402
-from genloop.eval.extractors import get_extractor  # noqa: E402
 from genloop.models import FAMILIES  # noqa: E402
-from genloop.stages import clean, collect, evaluate, train, validate  # noqa: E402
+from genloop.stages import evaluate, train  # noqa: E402
 
 
 def main() -> None:
@@ -64,12 +64,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     cfg = load_params(params, [*base, *args.sets])
-    started = time.perf_counter()
-    collect.run(cfg, ws)
-    images = int(clean.run(cfg, ws)["kept"])
-    validate.run(cfg, ws)
-    get_extractor(cfg, ws)  # trained once here, so no family's evaluation time includes it
-    data_s = time.perf_counter() - started
+    prepared = prepare_corpus(cfg, ws)  # the extractor too, so no family's evaluation time includes it
+    images, data_s = prepared["clean_images"], prepared["seconds"]
     print(f"data: {images} clean images (+ extractor) in {data_s:.1f}s; "
           f"budget: {args.epochs} epochs of the train split, batch {cfg.train.batch_size}, "
           f"evaluate.n_samples={cfg.evaluate.n_samples}; workspace {workdir}")
@@ -101,12 +97,8 @@ def main() -> None:
         print(f"  {name}: trained {summary['steps']} steps in {summary['seconds']:.1f}s, "
               f"FID {report['fid']:.2f}, evaluated in {eval_s:.1f}s", flush=True)
 
-    header = ["family", "train_s", "img_per_s", "fid", "kid_mean", "fid_real_floor", "extractor", "eval_s"]
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in header]
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        print("  ".join(str(r[h]).ljust(w) for h, w in zip(header, widths, strict=True)))
+    print_table(rows, ["family", "train_s", "img_per_s", "fid", "kid_mean", "fid_real_floor", "extractor", "eval_s"])
     out = {"budget": {"epochs": args.epochs, "limit": args.limit, "batch_size": cfg.train.batch_size,
                       "n_samples": cfg.evaluate.n_samples, "overrides": args.sets},
            "clean_images": images, "rows": rows}

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from build_emoji_corpus import build_corpus  # noqa: E402
+from bench_stages import corpus_sources  # noqa: E402
 from offline_env import RESULTS  # first: no telemetry, an embedded MLflow store
 
 from genloop.core.config import load_params  # noqa: E402
@@ -38,23 +38,9 @@ from genloop.stages import clean, collect  # noqa: E402
 JUDGES = ("fid", "kid_mean", "c2st_auc", "precision", "recall", "coverage", "curation_score")
 
 
-def sources(corpus: str, workdir: Path, size: int) -> list[str]:
-    """The overrides that point collect at `corpus` (building the emoji corpus when asked)."""
-    if corpus == "mnist":
-        return ["collect.sources=[{uri: 'builtin:mnist'}]"]
-    if corpus == "mnist-unlabelled":
-        return ["collect.sources=[{uri: 'builtin:mnist', labels: none}]"]
-    folder = Path(corpus)
-    if corpus == "emoji":
-        folder = workdir / "emoji-images"
-        if not folder.exists():
-            build_corpus(folder, size=64)
-    return [f"collect.sources=[{{uri: '{folder.resolve()}', labels: none}}]", "data.mode=RGB"]
-
-
 def run_corpus(corpus: str, workdir: Path, size: int, extra: list[str]) -> dict:
     ws = Workspace.at(workdir / f"ws-{Path(corpus).name}")
-    cfg = load_params(None, [*sources(corpus, workdir, size), f"data.resolution={size}",
+    cfg = load_params(None, [*corpus_sources(corpus, workdir), f"data.resolution={size}",
                              "collect.dvc_add=false", *extra])
     collect.run(cfg, ws)
     clean.run(cfg, ws)
