@@ -25,7 +25,7 @@ SMALL = {"latent_dim": 8, "g_width": 8, "d_width": 8}
 TINY_HP = {
     "dcgan": SMALL,
     "vae": {"latent_dim": 8, "width": 8, "kl_warmup_steps": 2},
-    "ddpm": {"width": 8, "channel_mult": [1, 2], "timesteps": 50, "sampling_steps": 3},
+    "ddpm": {"block_out_channels": [8, 16], "timesteps": 50, "sampling_steps": 3},
 }
 
 
@@ -147,29 +147,87 @@ def test_vae_kl_weight_warms_up_and_is_checkpointed():
     assert int(trainer.modules()["encoder"].state_dict()["steps"]) == 6
 
 
-def test_ddpm_ddim_schedule_and_guidance():
-    ddpm = family("ddpm")
-    steps = ddpm.ddim_timesteps(1000, 25)
-    assert len(steps) == 25 and steps[0] == 999 and steps[-1] == 0 and steps == sorted(set(steps), reverse=True)
-    for schedule in ("cosine", "linear"):
-        abar = ddpm.alphas_cumprod(1000, schedule)
-        assert abar.shape == (1000,) and bool((abar[1:] < abar[:-1]).all()) and 0 < float(abar[-1]) < 0.01
-    guided = GeneratorSpec("ddpm", 8, 1, ["0", "1"], {**TINY_HP["ddpm"], "guidance": 3.0})
-    plain = GeneratorSpec("ddpm", 8, 1, ["0", "1"], TINY_HP["ddpm"])
+def _perturbed_ddpm(spec: GeneratorSpec) -> torch.nn.Module:
     torch.manual_seed(0)
-    gen = ddpm.build_generator(guided).eval()
-    with torch.no_grad():  # away from the zero init, so class and "no class" predictions differ
+    gen = family("ddpm").build_generator(spec).eval()
+    with torch.no_grad():  # away from the initialisation, so class and "no class" predictions differ
         for p in gen.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    a = sample(gen, guided, 4, seed=1)
-    assert a.shape == (4, 8, 8, 1) and np.array_equal(a, sample(gen, guided, 4, seed=1))
-    z, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+            p.add_(torch.randn_like(p) * 0.05)
+    return gen
+
+
+@pytest.mark.parametrize("sampler,prediction", [("dpm++", "epsilon"), ("ddim", "v_prediction")])
+def test_ddpm_samples_are_a_function_of_the_latent_and_guidance_steers_them(sampler, prediction):
+    ddpm = family("ddpm")
+    hp = {**TINY_HP["ddpm"], "sampler": sampler, "prediction": prediction}
+    guided = GeneratorSpec("ddpm", 8, 1, ["0", "1"], {**hp, "guidance": 3.0})
+    plain = GeneratorSpec("ddpm", 8, 1, ["0", "1"], {**hp, "guidance": 1.0})
+    gen = _perturbed_ddpm(guided)
+    batches: list[int] = []
+    gen.register_forward_pre_hook(lambda _module, args: batches.append(args[0].shape[0]))
+    z, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
-        x_guided, x_plain = ddpm.generate(gen, guided, z, y), ddpm.generate(gen, plain, z, y)
-    assert x_guided.shape == x_plain.shape == (4, 1, 8, 8) and not torch.equal(x_guided, x_plain)
-    assert float(x_guided.abs().max()) <= 1.0
-    with pytest.raises(GenloopError, match="channel_mult"):
-        ddpm.build_generator(GeneratorSpec("ddpm", 8, 1, [], {"channel_mult": [1, 1, 1, 1]}))
+        first = ddpm.generate(gen, guided, z, y)
+        assert batches == [8] * hp["sampling_steps"]  # guided: conditional + "no class" in one call per step
+        again, other = ddpm.generate(gen, guided, z.clone(), y), ddpm.generate(gen, guided, z + 0.5, y)
+        batches.clear()
+        unguided = ddpm.generate(gen, plain, z, y)
+        assert batches == [4] * hp["sampling_steps"]
+        no_label, no_label_plain = ddpm.generate(gen, guided, z, None), ddpm.generate(gen, plain, z, None)
+    assert first.shape == (4, 1, 8, 8) and float(first.abs().max()) <= 1.0
+    assert torch.equal(first, again)  # the latent is the only randomness
+    assert not torch.allclose(first, other, atol=1e-3)
+    assert not torch.allclose(first, unguided, atol=1e-3)
+    # without labels the model is asked for "no class" and guidance has nothing to steer
+    assert torch.equal(no_label, no_label_plain) and not torch.allclose(no_label, unguided, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddpm_training_lowers_the_denoising_loss_on_a_toy_batch_and_its_ema_samples(prediction):
+    from torch.nn import functional as F
+    from torch.optim.swa_utils import AveragedModel
+
+    from genloop.stages.train import EmaUpdater
+
+    spec = GeneratorSpec("ddpm", 8, 1, ["0", "1"], {**TINY_HP["ddpm"], "prediction": prediction, "lr": 3e-3})
+    torch.manual_seed(0)
+    trainer = family("ddpm").Trainer(spec, lr=1e-3, beta1=0.9, device=torch.device("cpu"))
+    ema = AveragedModel(trainer.generator, use_buffers=True)
+    bars = torch.full((2, 1, 8, 8), -1.0)
+    bars[0, :, :, 3:5], bars[1, :, 3:5, :] = 1.0, 1.0  # class 0: a vertical bar, class 1: a horizontal one
+    real, labels = bars.repeat(4, 1, 1, 1), torch.tensor([0, 1] * 4)
+    rng = torch.Generator().manual_seed(5)
+    t, noise = torch.randint(0, 50, (8,), generator=rng), torch.randn(8, 1, 8, 8, generator=rng)
+    x_t = trainer.schedule.add_noise(real, noise, t)
+    target = noise if prediction == "epsilon" else trainer.schedule.get_velocity(real, noise, t)
+
+    def fixed_noise_loss() -> float:  # the same noised images and timesteps before and after
+        with torch.no_grad():
+            return float(F.mse_loss(trainer.generator(x_t, t, class_labels=labels, return_dict=False)[0], target))
+
+    before = fixed_noise_loss()
+    update_ema = EmaUpdater(ema, 0.9)
+    for _ in range(20):  # 0.38-0.48 x the initial loss over seeds 0-2 and both predictions
+        trainer.step(real, labels, contextlib.nullcontext)
+        update_ema(trainer.generator)
+    assert fixed_noise_loss() < 0.6 * before
+    assert ema.module.state_dict().keys() == trainer.generator.state_dict().keys()
+    images = sample(ema.module.eval(), spec, 4, seed=2)
+    assert images.shape == (4, 8, 8, 1) and np.array_equal(images, sample(ema.module, spec, 4, seed=2))
+
+
+def test_ddpm_refuses_more_levels_than_the_resolution_has():
+    with pytest.raises(GenloopError, match="block_out_channels has 4 levels, too many for 8x8"):
+        family("ddpm").build_generator(GeneratorSpec("ddpm", 8, 1, [], {"block_out_channels": [8, 8, 8, 8]}))
+
+
+def test_a_ddpm_pyfunc_requires_diffusers_and_the_other_families_do_not():
+    from importlib.metadata import version
+
+    from genloop.stages.register import pip_requirements
+
+    assert pip_requirements("ddpm") == [*pip_requirements("vae"), f"diffusers=={version('diffusers')}"]
+    assert not any(r.startswith("diffusers") for r in pip_requirements("dcgan") + pip_requirements("vae"))
 
 
 # ---- the real stages, per family -----------------------------------------------------------------
@@ -188,8 +246,7 @@ STAGE_TINY = [
 ]
 FAMILY_TINY = {
     "vae": ["model.family=vae", "model.vae.width=8", "model.vae.latent_dim=8"],
-    "ddpm": ["model.family=ddpm", "model.ddpm.width=8", "model.ddpm.channel_mult=[1,2]",
-             "model.ddpm.sampling_steps=4"],
+    "ddpm": ["model.family=ddpm", "model.ddpm.block_out_channels=[8,16]", "model.ddpm.sampling_steps=4"],
 }
 
 

@@ -150,24 +150,30 @@ class VAEParams(_Section):
 
 
 class DDPMParams(_Section):
-    """Small UNet DDPM with epsilon prediction, sampled by deterministic DDIM."""
+    """Diffusion on diffusers: a UNet2DModel, a DDPMScheduler noise schedule, DPM-Solver++ or DDIM sampling."""
 
-    width: int = Field(32, ge=4, description="UNet channels at full resolution")
-    channel_mult: list[Annotated[int, Field(ge=1, le=16)]] = Field(
-        default_factory=lambda: [1, 2, 2], min_length=1, max_length=6,
-        description="channel multiplier per resolution level (each level halves the side)",
+    block_out_channels: list[Annotated[int, Field(ge=4, le=1024)]] = Field(
+        default_factory=lambda: [16, 32, 64], min_length=1, max_length=6,
+        description="UNet channels per resolution level (each level but the last halves the side)",
     )
+    layers_per_block: int = Field(1, ge=1, le=4, description="residual blocks per level")
     attention: bool = Field(True, description="self-attention at the lowest resolution")
     timesteps: int = Field(1000, ge=2, le=10_000, description="diffusion steps in training")
     schedule: Literal["cosine", "linear"] = Field("cosine", description="noise schedule")
-    sampling_steps: int = Field(25, ge=1, description="DDIM steps per sample (each one UNet call per image)")
+    prediction: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction", description="what the UNet predicts: the noise, or the velocity (Salimans & Ho 2022)"
+    )
+    sampler: Literal["dpm++", "ddim"] = Field(
+        "dpm++", description="deterministic sampler: DPM-Solver++ (2nd order) or DDIM (eta=0)"
+    )
+    sampling_steps: int = Field(10, ge=1, description="sampler steps per sample (each one UNet call per image)")
     cond_dropout: float = Field(
         0.1, ge=0, lt=1, description="share of labels dropped in training (enables classifier-free guidance)"
     )
     guidance: float = Field(
-        1.0, ge=0, description="classifier-free guidance scale at sampling; 1: none (>1 costs 2 UNet calls/step)"
+        2.0, ge=0, description="classifier-free guidance scale at sampling; 1: none (>1 costs 2 UNet calls/step)"
     )
-    lr: float | None = Field(5e-4, gt=0, description="Adam learning rate of this family; null: train.lr")
+    lr: float | None = Field(1e-3, gt=0, description="Adam learning rate of this family; null: train.lr")
 
     @model_validator(mode="after")
     def _steps_fit(self) -> DDPMParams:

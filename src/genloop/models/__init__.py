@@ -8,7 +8,7 @@ Every family module exposes:
 - `Trainer(spec, lr, beta1, device)` with `.generator`, `.modules()`, `.optimizers()` and
   `.step(real, labels, autocast) -> {name: detached loss tensor}`;
 - optionally `generate(gen, spec, latent, labels) -> images in [-1, 1]`, for families whose
-  sampling is more than one call of the generator (DDPM's DDIM loop); without it, sampling
+  sampling is more than one call of the generator (DDPM's sampler loop); without it, sampling
   is `gen(latent, labels)`.
 
 A `GeneratorSpec` (saved as JSON beside the weights) is all that is needed to rebuild a
@@ -153,7 +153,7 @@ def sample(
     """`n` images as uint8 NHWC, the same for the same seed on any device.
 
     The latent is the only randomness: it is drawn on the CPU from `seed`, and every family
-    turns it into images deterministically (DDPM samples with DDIM, eta=0).
+    turns it into images deterministically (DDPM: DPM-Solver++ or DDIM with eta=0).
     """
     device = next(gen.parameters()).device
     rng = torch.Generator().manual_seed(seed)

@@ -63,13 +63,16 @@ def _signature(spec: GeneratorSpec) -> Any:
 # What the pyfunc (genloop.mlops.pyfunc and the genloop.models code it runs) imports, by
 # distribution name. genloop itself is not on PyPI: the model carries its source (code_paths).
 PYFUNC_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas")
+# what a family's generator needs beyond those: the ddpm family is a diffusers UNet and sampler
+FAMILY_DISTRIBUTIONS = {"ddpm": ("diffusers",)}
 
 
-def pip_requirements() -> list[str]:
-    """The pyfunc's requirements, pinned to the versions installed here and installable from
-    PyPI: public versions only (torch `2.13.0+cpu` is pinned as `2.13.0`, which pip matches to
-    a CPU or CUDA build of it), no local paths or editable installs."""
-    return [f"{dist}=={dist_version(dist).split('+')[0]}" for dist in PYFUNC_DISTRIBUTIONS]
+def pip_requirements(family: str = "") -> list[str]:
+    """The pyfunc's requirements for a generator of `family`, pinned to the versions installed
+    here and installable from PyPI: public versions only (torch `2.13.0+cpu` is pinned as
+    `2.13.0`, which pip matches to a CPU or CUDA build of it), no local paths or editable installs."""
+    dists = (*PYFUNC_DISTRIBUTIONS, *FAMILY_DISTRIBUTIONS.get(family, ()))
+    return [f"{dist}=={dist_version(dist).split('+')[0]}" for dist in dists]
 
 
 def log_generator(ws: Workspace, spec: GeneratorSpec) -> Any:
@@ -91,7 +94,7 @@ def log_generator(ws: Workspace, spec: GeneratorSpec) -> Any:
             code_paths=[str(code)],
             signature=_signature(spec),
             input_example=pd.DataFrame({"n": [2], "seed": [0]}),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(spec.family),
         )
 
 
