@@ -124,6 +124,10 @@ def test_evaluate_names_its_extractor_and_sample_counts(data, request):
     metrics = MlflowClient(f"sqlite:///{ws.mlflow_db}").get_run(report["run_id"]).data.metrics
     for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "fid_real_floor"):
         assert metrics[key] == pytest.approx(report[key], abs=1e-6), key  # the report rounds to 6 decimals
+    # within-class diversity (over the whole set for unlabelled data), defined like every judge
+    for key in ("class_diversity", "class_diversity_pixels"):
+        assert 0 < report[key] < 3 and key in report["definitions"], key
+        assert metrics[key] == pytest.approx(report[key], abs=1e-6), key
 
 
 def test_evaluation_history_grows_per_generator_and_reaches_mlflow(pipeline):

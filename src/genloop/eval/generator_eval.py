@@ -11,6 +11,9 @@ train split's features, scored on the holdout's), a conditional generator on lab
 gets `class_consistency`: the share of its samples that an independent classifier of real
 images (genloop.eval.real_classifier) assigns to the class asked for, with that classifier's
 own holdout accuracy beside it as the ceiling a perfect generator would reach.
+Every evaluation also gets `class_diversity` (genloop.eval.diversity): the samples' spread within
+each class over the real training images' spread within it, which reads near 0 for a generator
+that draws one image per class.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from genloop.core.config import Params
 from genloop.core.storage import atomic_path, sha256_bytes, write_text_atomic
 from genloop.core.workspace import Workspace
+from genloop.eval.diversity import diversity_metrics
 from genloop.eval.extractors import Extractor, embed_with_logits, to_nchw_uint8
 from genloop.eval.metrics import KID_FEATURES, Memorisation, memorisation, suite
 from genloop.eval.real_classifier import RECIPE, class_consistency, real_classifier
@@ -51,6 +55,7 @@ class GeneratorEval:
 
 
 C2ST_SETTINGS = "c2st:quadratic-logistic-v1"  # part of the cache key
+DIVERSITY_SETTINGS = "class-diversity-v1"  # part of the cache key
 
 
 def asked_classes(spec: GeneratorSpec, n: int) -> tuple[torch.Tensor, list[str]] | None:
@@ -65,7 +70,7 @@ def eval_key(cfg: Params, generator_sha256: str, ref: Reference, asked: bool = F
     follow from the generator, which `generator_sha256` names)."""
     e = cfg.evaluate
     settings = [generator_sha256, ref.key, e.n_samples, e.seed, e.kid_subset_size, e.is_splits,
-                e.pr_neighbourhood, e.memorisation_threshold, KID_FEATURES, C2ST_SETTINGS]
+                e.pr_neighbourhood, e.memorisation_threshold, KID_FEATURES, C2ST_SETTINGS, DIVERSITY_SETTINGS]
     if asked:
         settings += ["class-consistency", e.classifier_epochs, RECIPE]
     return sha256_bytes("|".join(map(str, settings)).encode())[:20]
@@ -123,6 +128,7 @@ def evaluate_generator(
     classes = asked(len(images)) if asked is not None else None
     if classes is not None:
         metrics.update(consistency_metrics(cfg, ws, images, *classes))
+    metrics.update(diversity_metrics(ws, ref.train, features, images, classes))
     mem = memorisation(features, ref.train, ref.novelty_unit, e.memorisation_threshold)
     tensors = {"images": images, "features": features, "novelty": mem.novelty, "nearest_index": mem.nearest_index}
     if logits is not None:

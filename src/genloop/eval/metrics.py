@@ -52,6 +52,10 @@ DESCRIPTIONS = {
     "density": "how many real k-NN balls hold each sample, over k (fidelity; ~1 for real images)",
     "curation_score": "mean of optimize's realism: the k-NN realism percentile among unseen real images "
                       "(~0.5 for real images, lower when less real)",
+    "class_diversity": "mean over classes of the samples' spread (mean pairwise feature distance) within a class "
+                       "over the real images' spread within it (~1 for real images, ~0 for one image per class; "
+                       "whole sets when unlabelled)",
+    "class_diversity_pixels": "class_diversity with spread = mean per-pixel standard deviation, on raw pixels",
 }
 
 
