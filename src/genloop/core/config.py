@@ -133,10 +133,37 @@ class ValidateParams(_Section):
     )
 
 
+DIFFAUGMENT_OPS = ("colour", "translation", "cutout")  # genloop.models.augment implements them
+
+
 class DCGANParams(_Section):
+    """DCGAN with a spectral-norm projection discriminator; recipe for small corpora (bench/gan_recipe.py)."""
+
     latent_dim: int = Field(64, ge=2)
     g_width: int = Field(32, ge=4)
     d_width: int = Field(32, ge=4)
+    loss: Literal["hinge", "nonsaturating"] = Field("nonsaturating", description="adversarial loss")
+    augment: str = Field(
+        "",
+        description=f"DiffAugment policy: comma-separated ops of {', '.join(DIFFAUGMENT_OPS)} applied to real and "
+                    "generated images before the discriminator ('': none; colour's saturation only on RGB)",
+    )
+    r1_gamma: float = Field(0.0, ge=0, description="weight of the R1 penalty on real images (0: off)")
+    r1_every: int = Field(16, ge=1, description="lazy R1: the penalty is applied every this many steps")
+    mode_seeking: float = Field(
+        0.1, ge=0, description="weight of the mode-seeking term (Mao et al. 2019): same-class samples from "
+                               "different latents must differ; counters one-image-per-class collapse (0: off)"
+    )
+
+    @field_validator("augment")
+    @classmethod
+    def _known_ops(cls, v: str) -> str:
+        names = [p.strip() for p in v.split(",") if p.strip() and p.strip() != "none"]
+        unknown = [n for n in names if n not in DIFFAUGMENT_OPS]
+        if unknown:
+            raise ValueError(f"unknown op(s) {', '.join(unknown)}; use a comma-separated subset of "
+                             f"{', '.join(DIFFAUGMENT_OPS)}, or '' for none")
+        return ",".join(names)
 
 
 class VAEParams(_Section):
