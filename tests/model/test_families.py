@@ -280,7 +280,7 @@ def test_train_evaluate_register_run_for_the_family(name, clean_data, tmp_path, 
         monkeypatch.delenv(var)
     ws = Workspace.at(tmp_path)
     shutil.copytree(clean_data / "data", ws.root / "data")
-    shutil.copytree(clean_data / ".genloop" / "cache" / "extractors", ws.cache / "extractors")
+    # the extractor clean_data trained is found in the session's judge cache ($GENLOOP_JUDGE_CACHE)
     cfg = load_params(None, [*STAGE_TINY, *FAMILY_TINY[name]])
 
     summary = train.run(cfg, ws)

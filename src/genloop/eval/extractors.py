@@ -233,7 +233,7 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
         f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{corpus_mode(ws.manifest)}|"
         f"{cfg.evaluate.extractor_epochs}|{data.classes}|{RECIPE}".encode()
     )[:16]
-    path = ws.cache / "extractors" / f"{key}.pt"
+    path = ws.judge_cache / "extractors" / f"{key}.pt"
     module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
     kind = "domain-classifier" if data.classes else "domain-contrastive"
     meta_path = path.with_suffix(".json")
