@@ -174,6 +174,13 @@ class VAEParams(_Section):
     beta: float = Field(1.0, ge=0, description="weight of the KL term (1: the ELBO)")
     kl_warmup_steps: int = Field(200, ge=0, description="steps over which the KL weight ramps from 0 to beta")
     lr: float | None = Field(1e-3, gt=0, description="Adam learning rate of this family; null: train.lr")
+    prior: Literal["fitted", "normal"] = Field(
+        "fitted", description="latents sampled from: fitted, a Gaussian mixture fitted to the training images' "
+        "encodings after training (per class when conditional); normal, N(0, I)")
+    prior_components: int = Field(4, ge=1, le=64, description="mixture components per class (or for the whole "
+                                  "corpus when unconditional); fewer when a class has too few images")
+    prior_temperature: float = Field(1.0, gt=0, le=2, description="scale of the fitted components' spread "
+                                     "(<1: more typical, less varied samples)")
 
 
 class DDPMParams(_Section):

@@ -9,7 +9,9 @@ Every family module exposes:
   `.step(real, labels, autocast) -> {name: detached loss tensor}`;
 - optionally `generate(gen, spec, latent, labels) -> images in [-1, 1]`, for families whose
   sampling is more than one call of the generator (DDPM's sampler loop); without it, sampling
-  is `gen(latent, labels)`.
+  is `gen(latent, labels)`;
+- optionally `finish(trainer, generator, images, labels, seed) -> dict`, run once after the last
+  step on the generator that is saved (the VAE fits its latent prior there).
 
 A `GeneratorSpec` (saved as JSON beside the weights) is all that is needed to rebuild a
 generator from its state dict, in training, evaluation and the MLflow pyfunc model.

@@ -190,6 +190,7 @@ class _Session:
     trained_before: float = 0.0  # seconds of training steps before this run's clock (resumed runs)
     clock: float | None = None  # perf_counter when this run's steps started; None when stopped
     budget_ended: bool = False  # train.max_minutes stopped training before total_steps
+    finished: dict[str, Any] = field(default_factory=dict)  # what the family's `finish` fitted (VAE: its prior)
 
     @property
     def labels_on(self) -> bool:
@@ -322,6 +323,10 @@ def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, r
 def _publish(s: _Session) -> None:
     """Rank 0's outputs: the last checkpoint, the EMA generator, the final grid and the loss curve."""
     s.checkpoint()
+    finish = getattr(family(s.spec.family), "finish", None)
+    if finish is not None:
+        labels = s.data.labels if s.labels_on else None
+        s.finished = finish(s.trainer, s.ema.module, s.data.images, labels, seed=s.cfg.train.seed)
     save_generator(s.ema.module, s.spec, s.ws.generator)
     final_grid = _grid(s.ema, s.spec, s.cfg.train.grid_size)
     tracking.log_image(final_grid, "samples/final.png")
@@ -355,6 +360,7 @@ def _summary(s: _Session, run_id: str, resumed_from: int, seconds: float) -> dic
         "batch_per_process": s.batch,
         "final": {k: v for k, v in (s.history[-1] if s.history else {}).items()
                   if k not in ("step", "epoch", "img_per_s")},
+        "finish": s.finished,
     }
 
 
