@@ -122,6 +122,19 @@ def test_data_mode_defaults_to_auto_and_background_is_a_checked_colour() -> None
         assert "data.background" in str(info.value) and hint in str(info.value)
 
 
+def test_auto_family_trains_the_vae_on_a_cpu_and_diffusion_on_a_cuda_gpu(monkeypatch) -> None:
+    """model.family defaults to auto and is resolved when params load, so stages, cache keys and
+    MLflow params see the family that trains; a named family is kept on any device."""
+    import torch
+
+    assert load_params(None, ["train.device=cpu"]).model.family == "vae"
+    assert load_params(None, ["train.device=cpu", "model.family=dcgan"]).model.family == "dcgan"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_params(None).model.family == "ddpm"  # train.device: auto finds the GPU
+    assert load_params(None, ["train.device=cpu"]).model.family == "vae"
+    assert load_params(None, ["model.family=vae"]).model.family == "vae"
+
+
 def test_bound_violation_names_key() -> None:
     with pytest.raises(ConfigError) as info:
         load_params(None, ["train.epochs=0"])

@@ -217,8 +217,9 @@ class DDPMParams(_Section):
 
 
 class ModelParams(_Section):
-    family: Literal["dcgan", "vae", "ddpm"] = Field(
-        "vae", description="generative family (vae: best FID per CPU-minute); its section holds its hyper-parameters"
+    family: Literal["auto", "dcgan", "vae", "ddpm"] = Field(
+        "auto", description="generative family; its section holds its hyper-parameters. auto: vae on a CPU (best "
+        "quality per CPU-minute), ddpm on a CUDA GPU (the quality family), resolved when params are loaded"
     )
     conditional: AutoYesNo = Field(
         "auto", description="auto: class-conditional when the dataset has labels"
@@ -470,6 +471,16 @@ class Params(_Section):
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _resolve_auto_family(self) -> Params:
+        """`model.family: auto` becomes the family for the device train.device resolves to, so every
+        stage, cache key and MLflow param sees the family that is actually trained."""
+        if self.model.family == "auto":
+            from genloop.models.device import auto_family
+
+            self.model.family = auto_family(self.train.device)
+        return self
 
     def section_hash(self, *names: str) -> str:
         """A short stable hash of the named sections, for cache keys."""
