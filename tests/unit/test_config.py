@@ -129,6 +129,7 @@ def test_auto_family_trains_the_vae_on_a_cpu_and_diffusion_on_a_cuda_gpu(monkeyp
 
     assert load_params(None, ["train.device=cpu"]).model.family == "vae"
     assert load_params(None, ["train.device=cpu", "model.family=dcgan"]).model.family == "dcgan"
+    assert load_params(None, ["train.device=cuda"]).model.family == "ddpm"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert load_params(None).model.family == "ddpm"  # train.device: auto finds the GPU
     assert load_params(None, ["train.device=cpu"]).model.family == "vae"

@@ -451,6 +451,26 @@ class TrackingParams(_Section):
     experiment: str = Field("genloop", min_length=1)
 
 
+# model.family=auto. On a CPU, the family with the best quality per CPU-minute: the VAE
+# (bench/README.md, family_quality.py: the best FID at the lowest CPU cost, ~14x cheaper to
+# train than diffusion). On a CUDA GPU, the quality family: diffusion, whose samples at 5 epochs
+# sat nearer real images on every judge than the VAE's at 10 (bench/README.md, "The ddpm family
+# on diffusers") and whose cost, 14x on 2 CPU cores, is what a GPU removes. Apple MPS counts as
+# a CPU here: the diffusion family has not been measured there. Written here rather than in
+# models/device.py so that loading params does not make every stage depend on the models.
+CPU_FAMILY = "vae"
+GPU_FAMILY = "ddpm"
+
+
+def auto_family(device: str) -> str:
+    """The family `model.family: auto` trains with `train.device` set to `device`."""
+    if device == "auto":
+        import torch
+
+        return GPU_FAMILY if torch.cuda.is_available() else CPU_FAMILY
+    return GPU_FAMILY if device == "cuda" else CPU_FAMILY
+
+
 class Params(_Section):
     """Everything that sets genloop's behaviour; endpoints and secrets come from the env."""
 
@@ -477,8 +497,6 @@ class Params(_Section):
         """`model.family: auto` becomes the family for the device train.device resolves to, so every
         stage, cache key and MLflow param sees the family that is actually trained."""
         if self.model.family == "auto":
-            from genloop.models.device import auto_family
-
             self.model.family = auto_family(self.train.device)
         return self
 

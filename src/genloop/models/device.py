@@ -52,17 +52,3 @@ def runtime(device: str, precision: str, channels_last: str, threads: int = 0) -
     cl = channels_last == "yes" or (channels_last == "auto" and dev.type == "cuda")
     return Runtime(dev, bf16, cl)
 
-
-# model.family=auto. On a CPU, the family with the best quality per CPU-minute: the VAE
-# (bench/README.md, family_quality.py: the best FID at the lowest CPU cost, ~14x cheaper to
-# train than diffusion). On a CUDA GPU, the quality family: diffusion, whose samples at 5 epochs
-# sat nearer real images on every judge than the VAE's at 10 (bench/README.md, "The ddpm family
-# on diffusers") and whose cost, 14x on 2 CPU cores, is what a GPU removes. Apple MPS counts as
-# a CPU here: the diffusion family has not been measured there.
-CPU_FAMILY = "vae"
-GPU_FAMILY = "ddpm"
-
-
-def auto_family(device_choice: str) -> str:
-    """The family `model.family: auto` trains on the device `train.device` resolves to."""
-    return GPU_FAMILY if pick_device(device_choice).type == "cuda" else CPU_FAMILY
