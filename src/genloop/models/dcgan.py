@@ -6,7 +6,7 @@ block per doubling from 4x4.
 
 On small corpora the plain recipe collapses within each class: the generator learns the class
 from its label and ignores its latent (on 5,000 MNIST digits, 10 epochs: one image per class,
-class_diversity 0.08). Its options, each measured by bench/gan_recipe.py (bench/README.md):
+class_diversity 0.08). Its options, each measured by bench/recipe.py --family dcgan (bench/README.md):
 
 - `mode_seeking` (default 0.1): the mode-seeking term (Mao et al. 2019) on pairs of samples of
   the same class: what lifted class_diversity above 0.7 and halved FID at that budget;

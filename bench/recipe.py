@@ -1,22 +1,24 @@
-"""The DCGAN recipe for small corpora, measured: loss, DiffAugment policy, R1, at a fixed budget.
+"""Model recipes for small corpora, measured: each family's options at a fixed budget.
 
-Each setting trains `model.family=dcgan` for the same number of epochs on a corpus (default the
-built-in 5,000 MNIST digits, 90% train, batch 64, `train.resume: never`) through the real train
-stage, then the evaluate stage scores `evaluate.n_samples` samples against the holdout. The
-corpus is prepared once per workspace by bench_stages.prepare_corpus (collect, clean, validate,
-extractor, calibration ladder; skipped when `--workdir` already holds clean data).
+Each setting trains one family (`--family`: dcgan, the GAN recipe; vae, the VAE's prior and KL
+weight) for the same number of epochs on a corpus (default the built-in 5,000 MNIST digits, 90%
+train, batch 64, `train.resume: never`) through the real train stage, then the evaluate stage
+scores `evaluate.n_samples` samples against the holdout. The corpus is prepared once per
+workspace by bench_stages.prepare_corpus (collect, clean, validate, extractor, calibration
+ladder; skipped when `--workdir` already holds clean data).
 
 Prints one row per setting: training seconds, class_diversity (features and pixels: generated
 spread within a class over real spread within it, ~1 for real images), FID and where it sits
-on the blur ladder, C2ST AUC, class consistency; writes each setting's evaluate sample grid
-to <workdir>/grids/<setting>.png (with `--save-grid NAME`, the last setting's also to
-bench/results/NAME) and the rows to bench/results/gan_recipe.json (merged by setting name,
-so settings can be measured in separate runs). Usage, from the repository root:
+on the blur ladder, C2ST AUC and accuracy, class consistency, recall; writes each setting's
+evaluate sample grid to <workdir>/grids/<setting>.png (with `--save-grid NAME`, the last
+setting's also to bench/results/NAME) and the rows to bench/results/<family>_recipe.json
+(merged by corpus, setting and epochs, so settings can be measured in separate runs). Usage,
+from the repository root:
 
-  nice -n 10 .venv/bin/python bench/gan_recipe.py --settings base,hinge [--epochs 10]
+  nice -n 10 .venv/bin/python bench/recipe.py --family dcgan --settings base,hinge [--epochs 10]
       [--workdir DIR] [--set key=value ...] [--save-grid gan_mnist_samples.png]
 
-Settings (model.dcgan overrides; anything else via --set): see SETTINGS below.
+Settings (model.<family> overrides; a dotted key is a whole param): see SETTINGS below.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from genloop.core.config import load_params  # noqa: E402
 from genloop.core.workspace import Workspace  # noqa: E402
 from genloop.stages import evaluate, train  # noqa: E402
 
-# every setting starts from the DCGAN before this recipe and changes what its name says
-_OLD = {"loss": "nonsaturating", "augment": "''", "r1_gamma": "0", "mode_seeking": "0"}
-_CHANGES: dict[str, dict[str, str]] = {
+# every setting starts from the family before its recipe and changes what its name says
+_OLD_DCGAN = {"loss": "nonsaturating", "augment": "''", "r1_gamma": "0", "mode_seeking": "0"}
+_DCGAN: dict[str, dict[str, str]] = {
     "base": {},
     "hinge": {"loss": "hinge"},
     "ns_tc": {"augment": "translation,cutout"},
@@ -66,28 +68,51 @@ _CHANGES: dict[str, dict[str, str]] = {
     "ns_r1_ms01": {"r1_gamma": "1", "mode_seeking": "0.1"},
     "ns_ms01_uncond": {"mode_seeking": "0.1", "model.conditional": "no"},  # a dotted key is a whole param
 }
-SETTINGS: dict[str, list[str]] = {name: [f"{k}={v}" for k, v in (_OLD | change).items()]
-                                  for name, change in _CHANGES.items()}
-SETTINGS["defaults"] = []  # params.yaml as it is
+_OLD_VAE = {"prior": "normal", "beta": "1.0"}
+_VAE: dict[str, dict[str, str]] = {
+    "base": {},
+    "fitted": {"prior": "fitted"},
+    "fitted_k1": {"prior": "fitted", "prior_components": "1"},
+    "fitted_k10": {"prior": "fitted", "prior_components": "10"},
+    "fitted_t08": {"prior": "fitted", "prior_temperature": "0.8"},
+    "beta05": {"beta": "0.5"},
+    "fitted_beta05": {"prior": "fitted", "beta": "0.5"},
+    "fitted_beta025": {"prior": "fitted", "beta": "0.25"},
+    "beta01": {"beta": "0.1"},
+    "fitted_beta01": {"prior": "fitted", "beta": "0.1"},
+    "fitted_beta005": {"prior": "fitted", "beta": "0.05"},
+    "fitted_beta01_k4": {"prior": "fitted", "beta": "0.1", "prior_components": "4"},
+    "fitted_beta01_k10": {"prior": "fitted", "beta": "0.1", "prior_components": "10"},
+    "fitted_beta01_z64": {"prior": "fitted", "beta": "0.1", "latent_dim": "64"},
+}
+
+
+def _settings(old: dict[str, str], changes: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    table = {name: [f"{k}={v}" for k, v in (old | change).items()] for name, change in changes.items()}
+    table["defaults"] = []  # params.yaml as it is
+    return table
+
+
+SETTINGS: dict[str, dict[str, list[str]]] = {"dcgan": _settings(_OLD_DCGAN, _DCGAN), "vae": _settings(_OLD_VAE, _VAE)}
 
 COLUMNS = ["setting", "train_s", "class_diversity", "class_diversity_pixels", "fid", "fid_blur", "c2st_auc",
-           "class_consistency", "recall"]
+           "c2st_accuracy", "class_consistency", "recall"]
 
 
-def _row(name: str, epochs: int, summary: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+def _row(family: str, name: str, epochs: int, summary: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     blur = report.get("ladder_position", {}).get("fid", {}).get("blur", {})
     r = {k: report.get(k) for k in ("class_diversity", "class_diversity_pixels", "fid", "c2st_auc",
-                                    "class_consistency", "recall")}
-    return {"setting": name, "epochs": epochs, "overrides": SETTINGS.get(name, []), "steps": summary["steps"],
+                                    "c2st_accuracy", "class_consistency", "recall")}
+    return {"setting": name, "epochs": epochs, "overrides": SETTINGS[family].get(name, []), "steps": summary["steps"],
             "resumed_from_step": summary["resumed_from_step"],
             "train_s": round(summary["seconds"], 1), **{k: round(v, 3) if isinstance(v, float) else v
                                                         for k, v in r.items()},
             "fid_blur": blur.get("text"), "readable": report.get("readable", [])}
 
 
-def _save(rows: list[dict[str, Any]], budget: dict[str, Any]) -> None:
-    """Merge the rows into bench/results/gan_recipe.json by (corpus, setting, epochs)."""
-    path = RESULTS / "gan_recipe.json"
+def _save(family: str, rows: list[dict[str, Any]], budget: dict[str, Any]) -> None:
+    """Merge the rows into bench/results/<family>_recipe.json by (corpus, setting, epochs)."""
+    path = RESULTS / f"{'gan' if family == 'dcgan' else family}_recipe.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
 
     def key(r: dict[str, Any]) -> tuple[str, str, int]:
@@ -100,7 +125,9 @@ def _save(rows: list[dict[str, Any]], budget: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="base,defaults", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--family", choices=sorted(SETTINGS), default="dcgan")
+    parser.add_argument("--settings", default="base,defaults",
+                        help="comma-separated; " + "; ".join(f"{f}: {', '.join(t)}" for f, t in SETTINGS.items()))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--n-samples", type=int, default=500)
     parser.add_argument("--corpus", default="mnist", help="mnist, mnist-unlabelled (unconditional), emoji or a folder")
@@ -117,10 +144,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)  # data preparation and evaluation too, not only train
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="genloop-gan-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"genloop-{args.family}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ws = Workspace.at(workdir)
-    base = [*corpus_sources(args.corpus, workdir), "collect.dvc_add=false", "model.family=dcgan",
+    base = [*corpus_sources(args.corpus, workdir), "collect.dvc_add=false", f"model.family={args.family}",
             f"train.epochs={args.epochs}", f"train.resume={'auto' if args.resume else 'never'}",
             f"train.threads={args.threads}", f"evaluate.n_samples={args.n_samples}", "evaluate.calibration.bootstrap=5"]
     params = ROOT / "params.yaml"
@@ -128,18 +155,18 @@ def main() -> None:
         prepare_corpus(load_params(params, [*base, *args.sets]), ws, ladder=True)
     rows = []
     for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        overrides = [o if "." in o.split("=")[0] else f"model.dcgan.{o}" for o in SETTINGS[name]]
+        overrides = [o if "." in o.split("=")[0] else f"model.{args.family}.{o}" for o in SETTINGS[args.family][name]]
         cfg = load_params(params, [*base, *overrides, *args.sets])
         started = time.perf_counter()
         summary = train.run(cfg, ws)
         report = json.loads(ws.report("eval").read_text()) if evaluate.run(cfg, ws) else {}
         (workdir / "grids").mkdir(exist_ok=True)
         shutil.copyfile(ws.reports / "eval_samples.png", workdir / "grids" / f"{name}.png")
-        rows.append({"corpus": args.corpus, **_row(name, args.epochs, summary, report)})
+        rows.append({"corpus": args.corpus, **_row(args.family, name, args.epochs, summary, report)})
         print(f"{name}: {time.perf_counter() - started:.0f}s, {rows[-1]}", flush=True)
     print()
     print_table(rows, COLUMNS)
-    _save(rows, {"corpus": args.corpus, "n_samples": args.n_samples, "calibration_bootstrap": 5,
+    _save(args.family, rows, {"corpus": args.corpus, "n_samples": args.n_samples, "calibration_bootstrap": 5,
                  "threads": args.threads, "overrides": args.sets})
     if args.save_grid:
         shutil.copyfile(workdir / "grids" / f"{rows[-1]['setting']}.png", RESULTS / args.save_grid)
