@@ -141,3 +141,9 @@ def test_the_fitted_prior_draws_samples_nearer_the_training_images_than_the_norm
         return torch.cdist(flat, real).min(1).values.mean().item()
 
     assert nearest(fitted) < nearest(normal)
+
+
+def test_auto_components_are_four_per_class_and_sixteen_for_an_unlabelled_corpus():
+    auto = {**TINY, "prior_components": "auto"}
+    assert vae.build_generator(GeneratorSpec("vae", 16, 1, ["a", "b"], auto)).prior_weight.shape == (2, 4)
+    assert vae.build_generator(GeneratorSpec("vae", 16, 1, [], auto)).prior_weight.shape == (1, 16)

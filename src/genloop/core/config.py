@@ -137,7 +137,7 @@ DIFFAUGMENT_OPS = ("colour", "translation", "cutout")  # genloop.models.augment 
 
 
 class DCGANParams(_Section):
-    """DCGAN with a spectral-norm projection discriminator; recipe for small corpora (bench/gan_recipe.py)."""
+    """DCGAN with a spectral-norm projection discriminator; recipe for small corpora (bench/recipe.py)."""
 
     latent_dim: int = Field(64, ge=2)
     g_width: int = Field(32, ge=4)
@@ -171,14 +171,16 @@ class VAEParams(_Section):
 
     latent_dim: int = Field(32, ge=2, description="size of the Gaussian latent")
     width: int = Field(32, ge=4, description="channels of the first encoder block (doubling per block)")
-    beta: float = Field(1.0, ge=0, description="weight of the KL term (1: the ELBO)")
+    beta: float = Field(0.1, ge=0, description="weight of the KL term (1: the ELBO; below 1 sharper "
+                        "reconstructions, whose latent holes the fitted prior avoids)")
     kl_warmup_steps: int = Field(200, ge=0, description="steps over which the KL weight ramps from 0 to beta")
     lr: float | None = Field(1e-3, gt=0, description="Adam learning rate of this family; null: train.lr")
     prior: Literal["fitted", "normal"] = Field(
         "fitted", description="latents sampled from: fitted, a Gaussian mixture fitted to the training images' "
         "encodings after training (per class when conditional); normal, N(0, I)")
-    prior_components: int = Field(4, ge=1, le=64, description="mixture components per class (or for the whole "
-                                  "corpus when unconditional); fewer when a class has too few images")
+    prior_components: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto", description="mixture components per class (or for the whole corpus when unconditional); fewer "
+        "when a class has too few images. auto: 4 per class, 16 for an unlabelled corpus")
     prior_temperature: float = Field(1.0, gt=0, le=2, description="scale of the fitted components' spread "
                                      "(<1: more typical, less varied samples)")
 
@@ -371,7 +373,7 @@ class TuneParams(_Section):
     latent_dim: tuple[int, int] | None = Field(
         (8, 128), description="model.<family>.latent_dim range (log scale; dcgan and vae)"
     )
-    beta: tuple[float, float] | None = Field((0.25, 4.0), description="model.vae.beta range (log scale)")
+    beta: tuple[float, float] | None = Field((0.03, 1.0), description="model.vae.beta range (log scale)")
 
     @field_validator("epochs", "lr", "latent_dim", "beta")
     @classmethod
