@@ -82,6 +82,7 @@ _VAE: dict[str, dict[str, str]] = {
     "fitted_beta01": {"prior": "fitted", "beta": "0.1"},
     "fitted_beta005": {"prior": "fitted", "beta": "0.05"},
     "fitted_beta01_k4": {"prior": "fitted", "beta": "0.1", "prior_components": "4"},
+    "fitted_beta01_t09": {"prior": "fitted", "beta": "0.1", "prior_temperature": "0.9"},
     "fitted_beta01_k10": {"prior": "fitted", "beta": "0.1", "prior_components": "10"},
     "fitted_beta01_z64": {"prior": "fitted", "beta": "0.1", "latent_dim": "64"},
 }
