@@ -24,8 +24,8 @@ the project pins.
 Judges per row: FID on the calibrated extractor and where it sits on the blur ladder, C2ST AUC
 and accuracy, class consistency where labels exist, recall and coverage; and the cost: train
 steps, images seen, train seconds, sampling seconds per image. Per budget: genloop's best FID
-and C2ST AUC over the peer's. Writes bench/results/quality_per_compute.json (--quick:
-quality_per_compute_quick.json) and each (family, budget) sample grid to
+and C2ST AUC over the peer's. Writes bench/results/quality_per_compute.json (another
+corpus: quality_per_compute_<corpus>.json; --quick adds _quick) and each (family, budget) sample grid to
 bench/results/qpc_<corpus>_<family>_<budget>m.png.
 
   .venv/bin/python bench/quality_per_compute.py [--budgets 2,5,15] [--families dcgan,vae,ddpm]
@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = run_all(args, python, workdir)
     print_results(result["rows"], result["ratios"])
-    out = RESULTS / ("quality_per_compute_quick.json" if args.quick else "quality_per_compute.json")
+    # one results file per corpus (the digits keep the plain name), so runs on other corpora add to it
+    suffix = ("_quick" if args.quick else "") + ("" if result["corpus"] == "mnist" else f"_{result['corpus']}")
+    out = RESULTS / f"quality_per_compute{suffix}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten: {out.relative_to(ROOT)} and the grids bench/results/qpc_{result['corpus']}_*.png")
     if args.workdir is None:
