@@ -30,7 +30,10 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("GENLOOP_PARENT_RUN_ID", None)
     ws = Workspace.at(tmp_path_factory.mktemp("ws"))
-    cfg = load_params(None, [*TINY, "collect.dvc_add=false"])
+    # a 5-epoch extractor: with TINY's 1 epoch on 400 digits, FID scored all-white images and a
+    # random-weight generator below the trained one (2.5 and 4.6 against 3.9 and 7.6), so the gate
+    # test below depended on luck; at 5 epochs both seeds tried ranked them 1.6-9x above it
+    cfg = load_params(None, [*TINY, "collect.dvc_add=false", "evaluate.extractor_epochs=5"])
     results = {}
     for stage in (collect, clean, validate, train, evaluate, register, generate, optimize):
         results[stage.__name__.rsplit(".", 1)[1]] = stage.run(cfg, ws)
