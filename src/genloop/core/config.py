@@ -287,7 +287,7 @@ class EvaluateParams(_Section):
     )
     extractor_epochs: int = Field(3, ge=1)
     classifier_epochs: int = Field(
-        3, ge=1, description="epochs of the independent real-image classifier that judges class consistency"
+        6, ge=1, description="epochs of the independent real-image classifier that judges class consistency"
     )
     kid_subset_size: int = Field(100, ge=2)
     is_splits: int = Field(10, ge=1, description="Inception Score splits")
