@@ -39,7 +39,8 @@ from tests.helpers import BIN, ROOT, TINY, cli_env, make_workspace, run_cli
 INFRA = ROOT / "infra"
 K8S = INFRA / "k8s"
 COMPOSE_FILE = INFRA / "docker-compose.yml"
-SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker", "worker-cpu"}
+SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker", "worker-cpu", "dask-scheduler",
+            "dask-worker"}
 WORKERS = ("worker", "worker-cpu")
 # credentials proper (an access key id, like a user name, identifies; it does not authenticate)
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN")
@@ -406,7 +407,8 @@ def test_compose_urls_name_services_of_the_file_and_their_ports(compose):
     workers = [(w, var) for w in WORKERS for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                        "GENLOOP_S3_ENDPOINT_URL")]
     assert sorted(checked) == sorted([("mlflow", "MLFLOW_BACKEND_STORE_URI"), ("mlflow", "MLFLOW_S3_ENDPOINT_URL"),
-                                      ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL"), *workers])
+                                      ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL"), *workers,
+                                      ("dask-worker", "PREFECT_API_URL")])
 
 
 def test_no_secret_is_written_in_the_compose_file():

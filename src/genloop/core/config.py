@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -449,6 +450,39 @@ class LoopParams(_Section):
     )
 
 
+class ParallelParams(_Section):
+    """How the chunked stages (clean) spread their work. Never part of a cache key or of dvc.yaml's
+    params: every engine produces the same outputs."""
+
+    engine: Literal["processes", "dask", "serial"] = Field(
+        "processes",
+        description="processes: one process per core on this machine; dask: the chunks as Prefect tasks on a "
+                    "Dask cluster (parallel.address, or a local cluster of parallel.workers processes); serial: "
+                    "in this process",
+    )
+    workers: int | Literal["auto"] = Field(
+        "auto", description="processes (or local Dask workers); auto: the cores this process may use"
+    )
+    address: str | None = Field(
+        None, description="a running Dask scheduler, e.g. tcp://dask-scheduler:8786 (engine dask; null: start a "
+                          "local cluster for the run)"
+    )
+    chunk_size: int = Field(512, ge=1, description="files per chunk: the unit that is retried when a worker dies")
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
+
+    def worker_count(self) -> int:
+        """`workers` resolved: auto is the number of cores this process may run on."""
+        if self.workers != "auto":
+            return int(self.workers)
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class TrackingParams(_Section):
     experiment: str = Field("genloop", min_length=1)
 
@@ -491,6 +525,7 @@ class Params(_Section):
     feedback: FeedbackParams = Field(default_factory=FeedbackParams)
     loop: LoopParams = Field(default_factory=LoopParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    parallel: ParallelParams = Field(default_factory=ParallelParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -16,6 +16,8 @@ OFFLINE_DEFAULTS = {
     "GX_ANALYTICS_ENABLED": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "genloop",
+    # a stage run from the CLI that maps chunks on Dask (a Prefect flow) logs to the terminal only
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "GIT_PYTHON_REFRESH": "quiet",
     # a first start migrates a fresh Prefect database: slower than the 20 s default on 2 cores
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",

@@ -10,9 +10,14 @@ normalisation params, mode), so a second clean over an unchanged data/raw decode
 The corpus mode: `data.mode` L or RGB as set, or with `auto` RGB when any image clean keeps has
 colour (`genloop.core.images.has_colour`) and L when every one is grey, decided over the whole
 corpus on every run. The decision reuses the per-file decode: the colour of each file is cached
-with its result, files new to the cache are cleaned as grey until the first one with colour
-turns up, and then every file is cleaned in RGB (a grey corpus is decoded once, a colour corpus
-once plus the files before its first colour one). When the mode changes (a colour image joins a
+with its result, files new to the cache are cleaned as grey until a chunk with colour turns up,
+and then every file is cleaned in RGB (a grey corpus is decoded once, a colour corpus once plus
+the chunks before its first colour one).
+
+The per-file work is `clean_chunk`, mapped over chunks of `parallel.chunk_size` files on the
+engine `parallel.engine` names (`genloop.core.chunk_map`: one process per core by default, or a
+Dask cluster); the cache index, the manifest and data/clean are written only when every chunk
+has come back. When the mode changes (a colour image joins a
 grey corpus) every image is cleaned again in the new mode: each mode has its own cache. The
 manifest's `mode` column is the resolved mode every later stage reads (`corpus_mode`);
 reports/clean.json says why it was chosen.
@@ -23,12 +28,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from genloop.core.chunk_map import chunk_map, chunked, engine_summary
 from genloop.core.config import Params
 from genloop.core.errors import StageInputMissing
 from genloop.core.images import RejectedImage, normalise
@@ -68,48 +76,72 @@ def _load_cache(cache: Path) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
 
 
+@dataclass(frozen=True)
+class ChunkJob:
+    """What a clean chunk needs: plain values only, so that it pickles to a process or Dask worker."""
+
+    raw: Path
+    cache: Path
+    mode: str
+    resolution: int
+    max_pixels: int
+    min_side: int
+    blank_std: float
+    background: str
+
+
+def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> list[dict[str, object]]:
+    """Normalise each (raw sha256, data/raw path) of one chunk into `job.cache/<sha>.png`; one cache
+    row per file, with the reason when it is dropped. Files are written atomically, so a chunk run
+    again after its worker died leaves exactly what one run leaves. The same function runs in this
+    process, in a process pool and on Dask workers (`genloop.core.chunk_map`)."""
+    rows: list[dict[str, object]] = []
+    for sha, rel in files:
+        row: dict[str, object] = {"raw_sha256": sha}
+        path = job.raw / rel
+        try:
+            if not path.exists():
+                raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`")
+            out = normalise(path.read_bytes(), mode=job.mode, resolution=job.resolution, max_pixels=job.max_pixels,
+                            min_side=job.min_side, blank_std=job.blank_std, background=job.background)
+        except RejectedImage as exc:
+            row["reason"] = str(exc)
+        else:
+            write_bytes_atomic(job.cache / f"{sha}.png", out.png)
+            row.update(pixel_hash=out.pixel_hash, phash=out.phash, width=out.width, height=out.height,
+                       original_mode=out.original_mode, colour=out.colour, note=out.note)
+        rows.append(row)
+    return rows
+
+
 def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
              until_colour: bool = False) -> tuple[pd.DataFrame, int]:
     """Normalise in `mode` every ledger file not yet in that mode's cache (with `until_colour`:
-    stop after the first kept one with colour); return the cache index and #new."""
+    stop once a chunk keeps an image with colour; the chunks already running finish); return the
+    cache index and #new. The cache index is written once, after every chunk has come back."""
     cache = _cache_dir(cfg, ws, mode)
     index = _load_cache(cache)
     done = set(index["raw_sha256"])
     todo = ledger[~ledger["sha256"].isin(done)]
+    job = ChunkJob(ws.raw, cache, mode, cfg.data.resolution, cfg.clean.max_pixels, cfg.clean.min_side,
+                   cfg.clean.blank_std, cfg.data.background)
+    chunks = chunked(list(zip(todo["sha256"], todo["file"], strict=True)), cfg.parallel.chunk_size)
     rows: list[dict[str, object]] = []
+    if chunks:
+        cache.mkdir(parents=True, exist_ok=True)
+        log.info("clean: %d files to decode in %d chunks (%s)", len(todo), len(chunks),
+                 engine_summary(cfg.parallel))
     with Progress(f"clean ({mode})", len(todo), "files") as bar:
-        for sha, rel in zip(todo["sha256"], todo["file"], strict=True):
-            row: dict[str, object] = {"raw_sha256": sha}
-            path = ws.raw / rel
-            try:
-                if not path.exists():
-                    raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`")
-                out = normalise(
-                    path.read_bytes(),
-                    mode=mode,
-                    resolution=cfg.data.resolution,
-                    max_pixels=cfg.clean.max_pixels,
-                    min_side=cfg.clean.min_side,
-                    blank_std=cfg.clean.blank_std,
-                    background=cfg.data.background,
-                )
-            except RejectedImage as exc:
-                row["reason"] = str(exc)
-            else:
-                write_bytes_atomic(cache / f"{sha}.png", out.png)
-                row.update(
-                    pixel_hash=out.pixel_hash,
-                    phash=out.phash,
-                    width=out.width,
-                    height=out.height,
-                    original_mode=out.original_mode,
-                    colour=out.colour,
-                    note=out.note,
-                )
-            rows.append(row)
-            bar.advance(dropped=sum(1 for r in rows if "reason" in r))
-            if until_colour and row.get("colour"):
-                break
+        dropped = 0
+
+        def advance(chunk_rows: list[dict[str, object]]) -> None:
+            nonlocal dropped
+            dropped += sum(1 for r in chunk_rows if "reason" in r)
+            bar.advance(len(chunk_rows), dropped=dropped)
+
+        stop = (lambda chunk_rows: any(r.get("colour") for r in chunk_rows)) if until_colour else None
+        for chunk_rows in chunk_map(partial(clean_chunk, job), chunks, cfg.parallel, advance, stop):
+            rows.extend(chunk_rows)
     if rows:
         new = pd.DataFrame(rows).reindex(columns=list(CACHE_COLUMNS)).astype(CACHE_COLUMNS)
         # an empty index is left out: pandas warns about concatenating empty or all-NA frames

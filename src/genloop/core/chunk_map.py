@@ -1,0 +1,165 @@
+"""One function mapped over chunks of work, on the engine `parallel.engine` names.
+
+- `serial`: in this process.
+- `processes`: a pool of one process per core on this machine (spawned, so a parent that has
+  loaded torch or started threads is never forked). A pool whose worker dies is replaced once and
+  the chunks that had not come back run again.
+- `dask`: every chunk is a Prefect task run by Prefect's `DaskTaskRunner`, on the scheduler at
+  `parallel.address` or on a `LocalCluster` of `parallel.workers` processes on 127.0.0.1 started
+  for the call. Dask reruns the chunks of a worker that dies on another worker.
+
+The chunk function is the same for all three and for every entry point (the CLI, `dvc repro`,
+the Prefect flow): it must be a picklable module-level function (or a `functools.partial` of
+one), must write its side outputs atomically so that a chunk done twice leaves what one run
+leaves, and returns its results; the caller publishes them only when every chunk has come back,
+so the outputs stay a set whatever died on the way.
+
+Results come back in chunk order; `on_result` sees each as it arrives (progress). With `stop`,
+the map ends early once a result satisfies it: chunks not yet started are cancelled, the ones
+running finish, and only the chunks that finished come back (still in chunk order).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from genloop.core.config import ParallelParams
+from genloop.core.errors import GenloopError
+
+C = TypeVar("C")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
+
+
+def chunked(items: Sequence[C], size: int) -> list[list[C]]:
+    """`items` cut into consecutive lists of at most `size`."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def chunk_map(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
+              on_result: Callable[[R], None] | None = None, stop: Callable[[R], bool] | None = None) -> list[R]:
+    """`[fn(c) for c in chunks]` on the engine `settings` names; see the module docstring."""
+    report = on_result or (lambda _r: None)
+    until = stop or (lambda _r: False)
+    workers = min(settings.worker_count(), len(chunks))
+    if not chunks:
+        return []
+    if settings.engine == "dask":
+        return _dask(fn, chunks, settings, report, until)
+    if settings.engine == "serial" or workers <= 1:
+        results = []
+        for c in chunks:
+            results.append(fn(c))
+            report(results[-1])
+            if until(results[-1]):
+                break
+        return results
+    return _processes(fn, chunks, workers, report, until)
+
+
+def _processes(fn: Callable[[C], R], chunks: Sequence[C], workers: int, report: Callable[[R], None],
+               until: Callable[[R], bool]) -> list[R]:
+    results: dict[int, R] = {}
+    for attempt in range(1, POOL_ATTEMPTS + 1):
+        todo = [i for i in range(len(chunks)) if i not in results]
+        try:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                pending: dict[Future[R], int] = {pool.submit(fn, chunks[i]): i for i in todo}
+                stopping = False
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        i = pending.pop(future)
+                        if future.cancelled():
+                            continue
+                        results[i] = future.result()
+                        report(results[i])
+                        if not stopping and until(results[i]):
+                            stopping = True
+                            for f in pending:
+                                f.cancel()  # not started: dropped; running: finishes and comes back
+            break
+        except BrokenProcessPool as exc:
+            left = len(chunks) - len(results)
+            if attempt == POOL_ATTEMPTS:
+                raise GenloopError(f"a worker process died twice ({exc}); {left} of {len(chunks)} chunks did not "
+                                   "finish and nothing was published. Look for an out-of-memory kill (dmesg) and "
+                                   "lower parallel.workers or parallel.chunk_size") from None
+            log.warning("a worker process died (%s); running the %d unfinished chunks again", exc, left)
+    return [results[i] for i in sorted(results)]
+
+
+def _run_chunk(fn: Callable[[C], R], chunk: C) -> R:
+    return fn(chunk)
+
+
+def _prefect_api_url() -> str:
+    """The Prefect API the workers report their task runs to: PREFECT_API_URL when set, else the
+    temporary server of this process (started here if the caller runs outside a flow), so that the
+    Dask workers do not each start one of their own."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return str(PREFECT_API_URL.value())
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # Prefect's own ephemeral server: one per process, stopped at exit
+    server.start()
+    return server.api_url
+
+
+def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
+          report: Callable[[R], None], until: Callable[[R], bool]) -> list[R]:
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.futures import as_completed
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_dask import DaskTaskRunner
+
+    api_url = _prefect_api_url()
+    cluster: Any = None
+    address = settings.address
+    if address is None:
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=settings.worker_count(), threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING,
+                               env={"PREFECT_API_URL": api_url, "PREFECT_LOGGING_LEVEL": "WARNING"})
+        address = cluster.scheduler_address
+    chunk_task = task(_run_chunk, name="chunk", cache_policy=NO_CACHE, persist_result=False, retries=0)
+
+    @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
+          persist_result=False, validate_parameters=False)
+    def run_chunks(n: int) -> list[R]:
+        futures = {chunk_task.submit(fn, chunks[i]): i for i in range(n)}
+        results: dict[int, R] = {}
+        for future in as_completed(list(futures)):
+            results[futures[future]] = future.result()
+            report(results[futures[future]])
+            if until(results[futures[future]]):
+                for f in futures:
+                    f.cancel()  # best effort: Dask drops the chunks it has not started
+                break
+        return [results[i] for i in sorted(results)]
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            return run_chunks(len(chunks))
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def engine_summary(settings: ParallelParams) -> str:
+    """A short description for logs and reports: `processes x2`, `dask at tcp://…`."""
+    if settings.engine == "dask":
+        return f"dask at {settings.address}" if settings.address else f"dask local cluster x{settings.worker_count()}"
+    return "serial" if settings.engine == "serial" else f"processes x{settings.worker_count()}"
+

@@ -1,0 +1,68 @@
+"""genloop.core.chunk_map on this machine: results in chunk order from every local engine, and a
+process pool whose worker dies mid-chunk runs the unfinished chunks again and loses nothing."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from genloop.core.chunk_map import chunk_map, chunked
+from genloop.core.config import ParallelParams
+from genloop.core.errors import GenloopError
+
+
+def square_all(chunk: list[int]) -> list[int]:
+    return [x * x for x in chunk]
+
+
+def die_once(marker: Path, chunk: list[int]) -> list[int]:
+    """Kills its own process (as an out-of-memory kill would) the first time it sees 7."""
+    if 7 in chunk and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(9)
+    return square_all(chunk)
+
+
+def always_die(chunk: list[int]) -> list[int]:
+    os._exit(9)
+
+
+def test_chunked_keeps_every_item_in_order() -> None:
+    assert chunked(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert chunked([], 3) == []
+
+
+@pytest.mark.parametrize("engine", ["serial", "processes"])
+def test_every_local_engine_returns_the_results_in_chunk_order(engine: str) -> None:
+    seen: list[list[int]] = []
+    chunks = chunked(list(range(50)), 4)
+    out = chunk_map(square_all, chunks, ParallelParams(engine=engine, workers=2), seen.append)
+    assert out == [square_all(c) for c in chunks]
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, out))  # each result reported once
+
+
+def test_a_worker_that_dies_mid_chunk_costs_a_rerun_not_a_result(tmp_path: Path) -> None:
+    marker = tmp_path / "died"
+    chunks = chunked(list(range(40)), 3)
+    out = chunk_map(partial(die_once, marker), chunks, ParallelParams(engine="processes", workers=2))
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died, not this process
+    assert out == [square_all(c) for c in chunks]
+
+
+def test_a_worker_that_keeps_dying_is_a_clear_error() -> None:
+    with pytest.raises(GenloopError, match="died twice.*nothing was published.*parallel.workers"):
+        chunk_map(always_die, chunked(list(range(8)), 2), ParallelParams(engine="processes", workers=2))
+
+
+@pytest.mark.parametrize("engine", ["serial", "processes"])
+def test_stop_ends_the_map_early_and_returns_only_finished_chunks_in_order(engine: str) -> None:
+    chunks = chunked(list(range(200)), 2)
+    out = chunk_map(square_all, chunks, ParallelParams(engine=engine, workers=2),
+                    stop=lambda squares: 16 in squares)  # the chunk [4, 5]
+    assert [9, 16] not in out and [16, 25] in out
+    assert len(out) < len(chunks)  # the rest was cancelled
+    assert all(r in [square_all(c) for c in chunks] for r in out)
+    assert out == sorted(out)  # chunk order
