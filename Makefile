@@ -19,7 +19,10 @@ EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # genloop runs on Python >= 3.11 (pyproject's requires-python): say so before building a venv that cannot work
 PYTHON_OK = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
 	|| { echo "genloop needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1). Run: make PYTHON=python3.11 ..." >&2; exit 1; }
-UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python $(TORCH_SOURCE)
+# --compile-bytecode: bytecode for every installed module, once at install (about a minute on 2
+# cores). Where PYTHONDONTWRITEBYTECODE is set, as on these machines, Python never caches it, and
+# every genloop process recompiled torch & co. on import (import torch: 4.6 s -> 2.4 s).
+UV_INSTALL = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(TORCH_SOURCE)
 
 $(BIN)/uv:
 	@$(PYTHON_OK)

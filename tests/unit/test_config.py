@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,20 @@ def test_auto_family_trains_the_vae_on_a_cpu_and_diffusion_on_a_cuda_gpu(monkeyp
     assert load_params(None).model.family == "ddpm"  # train.device: auto finds the GPU
     assert load_params(None, ["train.device=cpu"]).model.family == "vae"
     assert load_params(None, ["model.family=vae"]).model.family == "vae"
+
+
+def test_loading_params_on_a_machine_without_cuda_does_not_import_torch() -> None:
+    """Every stage loads params; resolving model.family: auto must not cost clean or validate a
+    torch import (seconds) where CUDA cannot be there: a CPU build of torch, or no GPU visible."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from genloop.core.config import load_params; p = load_params(None); "
+            "print(p.model.family, 'torch' in sys.modules)")
+    for env in ({}, {"CUDA_VISIBLE_DEVICES": ""}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.split()
+        assert out == ["vae", "False"], (env, out)
 
 
 def test_bound_violation_names_key() -> None:

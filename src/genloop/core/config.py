@@ -498,9 +498,36 @@ CPU_FAMILY = "vae"
 GPU_FAMILY = "ddpm"
 
 
+def cuda_possible() -> bool:
+    """Whether CUDA could be available, decided without importing torch (4.6 s on 2 cores without
+    bytecode caches, paid by every stage that loads params): torch's build must name a CUDA version
+    (read from torch/version.py), an NVIDIA device must be present and CUDA_VISIBLE_DEVICES must
+    not hide every GPU. Only then does the caller import torch to ask it. Hand-written: no library
+    answers this without initialising CUDA."""
+    import importlib.util
+    import re
+    import sys
+
+    if "torch" in sys.modules:
+        return True  # already paid for: ask torch itself
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        built_with_cuda = re.search(r"^cuda\b[^=]*=\s*['\"]", version.read_text(), re.MULTILINE) is not None
+    except OSError:
+        return True  # cannot tell: let torch answer
+    return built_with_cuda and (Path("/proc/driver/nvidia/gpus").is_dir() or any(Path("/dev").glob("nvidia[0-9]*")))
+
+
 def auto_family(device: str) -> str:
     """The family `model.family: auto` trains with `train.device` set to `device`."""
     if device == "auto":
+        if not cuda_possible():
+            return CPU_FAMILY
         import torch
 
         return GPU_FAMILY if torch.cuda.is_available() else CPU_FAMILY
