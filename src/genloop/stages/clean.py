@@ -42,7 +42,13 @@ from genloop.core.errors import StageInputMissing
 from genloop.core.images import RejectedImage, normalise
 from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
 from genloop.core.progress import Progress
-from genloop.core.storage import atomic_outputs, restore_interrupted_swap, sha256_bytes, write_bytes_atomic
+from genloop.core.storage import (
+    atomic_outputs,
+    restore_interrupted_swap,
+    sha256_bytes,
+    sync_files,
+    write_bytes_atomic,
+)
 from genloop.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ CACHE_COLUMNS = {
     "original_mode": "string",
     "colour": "boolean",  # <NA> when dropped
     "note": "string",  # <NA> unless reading it needed a choice (an animation: its first frame)
+    "clean_sha256": "string",  # of the cleaned PNG: the manifest's sha256, without reading the file again
 }
 
 
@@ -96,6 +103,7 @@ def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> list[dict[str, o
     again after its worker died leaves exactly what one run leaves. The same function runs in this
     process, in a process pool and on Dask workers (`genloop.core.chunk_map`)."""
     rows: list[dict[str, object]] = []
+    written: list[Path] = []
     for sha, rel in files:
         row: dict[str, object] = {"raw_sha256": sha}
         path = job.raw / rel
@@ -107,10 +115,13 @@ def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> list[dict[str, o
         except RejectedImage as exc:
             row["reason"] = str(exc)
         else:
-            write_bytes_atomic(job.cache / f"{sha}.png", out.png)
+            written.append(job.cache / f"{sha}.png")
+            write_bytes_atomic(written[-1], out.png, durable=False)
             row.update(pixel_hash=out.pixel_hash, phash=out.phash, width=out.width, height=out.height,
-                       original_mode=out.original_mode, colour=out.colour, note=out.note)
+                       original_mode=out.original_mode, colour=out.colour, note=out.note,
+                       clean_sha256=sha256_bytes(out.png))
         rows.append(row)
+    sync_files(written)  # durable before the rows that name them can reach the index
     return rows
 
 
@@ -303,7 +314,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
                for s, src in zip(kept["raw_sha256"], kept["source"], strict=True)],
     )
     kept["file"] = kept["id"] + ".png"
-    kept["sha256"] = [sha256_bytes((cache / f"{s}.png").read_bytes()) for s in kept["raw_sha256"]]
+    kept["sha256"] = kept["clean_sha256"]
     kept["width"] = cfg.data.resolution
     kept["height"] = cfg.data.resolution
 
