@@ -49,9 +49,11 @@ run: install  ## collect the built-in corpus and run the whole loop (Prefect flo
 
 test: install-dev  ## run the test suite (real MLflow/Prefect/moto servers on 127.0.0.1)
 	@# Debian packages the tests use: the review page's browser test drives chromium (Playwright cannot
-	@# download browsers offline); the colour-corpus tests render Noto Color Emoji (tests/colour_corpus.py)
+	@# download browsers offline); the colour-corpus tests render Noto Color Emoji (tests/colour_corpus.py);
+	@# the production-stack test runs PostgreSQL (tests/integration/test_production_stack.py)
 	@missing=$$(echo $$(command -v chromium >/dev/null 2>&1 || echo chromium) \
-	  $$([ -f $(EMOJI_FONT) ] || echo fonts-noto-color-emoji)); \
+	  $$([ -f $(EMOJI_FONT) ] || echo fonts-noto-color-emoji) \
+	  $$(ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || echo postgresql)); \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
 	  || echo "$$missing unavailable: the tests that need it will be skipped"

@@ -134,8 +134,9 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     index = _load_cache(cache)
     done = set(index["raw_sha256"])
     todo = ledger[~ledger["sha256"].isin(done)]
-    job = ChunkJob(ws.raw, cache, mode, cfg.data.resolution, cfg.clean.max_pixels, cfg.clean.min_side,
-                   cfg.clean.blank_std, cfg.data.background)
+    # absolute paths: a Dask worker runs in a folder of its own
+    job = ChunkJob(ws.raw.resolve(), cache.resolve(), mode, cfg.data.resolution, cfg.clean.max_pixels,
+                   cfg.clean.min_side, cfg.clean.blank_std, cfg.data.background)
     chunks = chunked(list(zip(todo["sha256"], todo["file"], strict=True)), cfg.parallel.chunk_size)
     rows: list[dict[str, object]] = []
     if chunks:
