@@ -217,13 +217,10 @@ def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
 
 
 def sync_files(paths: list[Path]) -> None:
-    """Make the written `paths` durable: one filesystem-wide sync where the platform has it (one
-    journal commit for the batch instead of one per file), else an fsync of each."""
-    if not paths:
-        return
-    if hasattr(os, "sync"):
-        os.sync()
-        return
+    """Make the written `paths` durable, reporting any write error (a full disk) as OSError. The
+    fsyncs come after all the writes: on a journalling filesystem the first one commits the data of
+    the whole batch, and the rest find little left to do (`os.sync` would be one call, but it
+    cannot report an error)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
