@@ -116,6 +116,7 @@ def stack(tmp_path: Path, postgres: str, moto_server: str) -> Iterator[dict[str,
     Prefect worker, all on 127.0.0.1; the variables are those of infra/docker-compose.yml."""
     import boto3
 
+    (tmp_path / "ws").mkdir()
     ws = make_workspace(tmp_path / "ws", TINY)
     s3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing",
@@ -151,6 +152,8 @@ def stack(tmp_path: Path, postgres: str, moto_server: str) -> Iterator[dict[str,
         worker_env = {**base, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url,
                       "MLFLOW_REGISTRY_URI": mlflow_url, "GENLOOP_S3_ENDPOINT_URL": moto_server,
                       "GENLOOP_DVC_REMOTE": "s3://genloop-data/dvc"}
+        run_cli([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], ws,
+                {**base, "PREFECT_API_URL": prefect_api}, timeout=120)
         procs.append(_start([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
                             logs / "worker.log", worker_env, ws))
         yield {"ws": ws, "env": {**base, "PREFECT_API_URL": prefect_api}, "mlflow": mlflow_url, "dask": dask_address,
