@@ -483,3 +483,15 @@ def test_bomb_png_is_a_valid_png_header() -> None:
     with Image.open(io.BytesIO(small)) as img:
         img.load()
         assert img.size == (1, 1)
+
+
+def test_exact_perceptual_duplicates_are_paired_with_the_first_of_their_group() -> None:
+    """Distance 0 (the default) groups equal hashes in one pass; each later image of a group pairs
+    with its first, so the dedupe keeps exactly the first of every group, as the all-pairs scan did."""
+    rng = np.random.default_rng(0)
+    hashes = [f"{int(v):016x}" for v in rng.integers(0, 50, 400)]  # 400 hashes, many repeated
+    grouped = clean.near_duplicate_pairs(hashes, 0)
+    brute = [(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes)) if hashes[i] == hashes[j]]
+    assert {j for _, j in grouped} == {j for _, j in brute}  # the same images dropped
+    assert all(hashes[i] == hashes[j] and i == hashes.index(hashes[j]) for i, j in grouped)
+    assert clean.near_duplicate_pairs(hashes, 1) != [] and set(brute) <= set(clean.near_duplicate_pairs(hashes, 1))

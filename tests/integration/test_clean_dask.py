@@ -28,16 +28,19 @@ def cluster() -> Iterator[distributed.LocalCluster]:
 
 
 def test_clean_on_a_local_dask_cluster_matches_one_process(tmp_path: Path) -> None:
+    """data.mode auto on a corpus that turns colour part-way: the grey pass stops at the first chunk
+    with colour (the rest of its chunks cancelled on the cluster), then every file is cleaned in RGB."""
     src = tmp_path / "src"
-    build_corpus(src, 60, colour_from=None)
-    one, _ = clean_with(tmp_path, src, "serial", "L", "parallel.engine=serial")
-    dask, summary = clean_with(tmp_path, src, "dask", "L", "parallel.engine=dask", "parallel.workers=2",
+    build_corpus(src, 60, colour_from=40)
+    one, _ = clean_with(tmp_path, src, "serial", "auto", "parallel.engine=serial")
+    dask, summary = clean_with(tmp_path, src, "dask", "auto", "parallel.engine=dask", "parallel.workers=2",
                                "parallel.chunk_size=8")
     manifest, report, files = outputs(dask)
     manifest_1, report_1, files_1 = outputs(one)
     pd.testing.assert_frame_equal(manifest, manifest_1)
     assert files == files_1 and report["dropped_files"] == report_1["dropped_files"]
-    assert summary["decoded"] == report["raw"] > 60
+    assert report["mode"] == "RGB"
+    assert summary["decoded"] >= report["raw"] > 60  # every file in RGB, plus the grey chunks before the colour
 
 
 def test_a_dask_worker_killed_mid_chunk_loses_nothing(tmp_path: Path, cluster: distributed.LocalCluster) -> None:

@@ -145,7 +145,7 @@ def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
             report(results[futures[future]])
             if until(results[futures[future]]):
                 for f in futures:
-                    f.cancel()  # best effort: Dask drops the chunks it has not started
+                    f.wrapped_future.cancel()  # the Dask future: the chunks not started are dropped
                 break
         return [results[i] for i in sorted(results)]
 
