@@ -108,3 +108,24 @@ def expected_steps(cfg, ws, world_size: int = 1) -> int:
 
 # what every run_cli call printed (stdout, stderr), for the secrets drill (tests/drills/secret_scan.py)
 CLI_OUTPUTS: list[tuple[list[str], str, str]] = []
+
+
+def clean_images(ws) -> list:
+    """data/clean's images, one PIL image per manifest row, in the manifest's order."""
+    from genloop.core.manifest import read_manifest
+    from genloop.core.shards import manifest_images, to_pil
+
+    return [to_pil(a) for a in manifest_images(ws.clean, read_manifest(ws.manifest))]
+
+
+def export_clean_pngs(ws, dest: Path) -> dict[str, Path]:
+    """Write data/clean's images as `<id>.png` files into `dest` (a folder a collect source can
+    read); returns the files by image id."""
+    from genloop.core.manifest import read_manifest
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for img_id, img in zip(read_manifest(ws.manifest)["id"], clean_images(ws), strict=True):
+        files[img_id] = dest / f"{img_id}.png"
+        img.save(files[img_id])
+    return files

@@ -18,6 +18,7 @@ from genloop.core.config import Params, load_params
 from genloop.core.errors import StageInputMissing
 from genloop.core.images import normalise
 from genloop.core.manifest import MANIFEST_COLUMNS, read_ledger, read_manifest
+from genloop.core.shards import manifest_images, to_pil
 from genloop.core.storage import sha256_bytes
 from genloop.core.workspace import Workspace
 from genloop.stages import clean, collect
@@ -197,28 +198,26 @@ def clean_files(ws: Workspace) -> list[Path]:
 def open_clean(ws: Workspace, manifest: pd.DataFrame, original: str) -> Image.Image:
     row = manifest.loc[manifest["original"] == original]
     assert len(row) == 1, f"{original} not kept"
-    return Image.open(ws.clean / row["file"].iloc[0])
+    return to_pil(manifest_images(ws.clean, row)[0])
 
 
 def assert_manifest_matches_folder(ws: Workspace, manifest: pd.DataFrame, cfg: Params) -> None:
     assert list(manifest.columns) == list(MANIFEST_COLUMNS)
     files = clean_files(ws)
-    assert len(manifest) == len(files)
-    assert sorted(manifest["file"]) == sorted(p.name for p in files)
-    assert manifest["id"].is_unique and manifest["file"].is_unique
+    # data/clean holds exactly the shards the manifest names, each image at its own (shard, offset)
+    assert sorted(set(manifest["shard"])) == sorted(p.name for p in files)
+    assert all(p.suffix == ".npy" for p in files)
+    assert not manifest.duplicated(["shard", "offset"]).any()
+    assert manifest["id"].is_unique
     assert manifest["id"].notna().all()
     assert set(manifest["split"]) <= {"train", "holdout"}
     assert (manifest["mode"] == cfg.data.mode).all()
     assert (manifest["width"] == RES).all() and (manifest["height"] == RES).all()
-    for _, row in manifest.iterrows():
-        data = (ws.clean / row["file"]).read_bytes()
-        assert sha256_bytes(data) == row["sha256"]
-        assert row["file"] == f"{row['id']}.png"
+    images = manifest_images(ws.clean, manifest.reset_index(drop=True))
+    assert images.shape == (len(manifest), RES, RES, 1 if cfg.data.mode == "L" else 3)
+    for pixels, (_, row) in zip(images, manifest.iterrows(), strict=True):
+        assert sha256_bytes(pixels.tobytes()) == row["sha256"]
         assert row["raw_sha256"].startswith(row["id"])
-        with Image.open(io.BytesIO(data)) as img:
-            assert img.format == "PNG"
-            assert img.mode == cfg.data.mode
-            assert img.size == (RES, RES)
     # no temp or old folders left beside data/clean
     assert sorted(p.name for p in ws.clean.parent.iterdir() if p.name.startswith(".")) == []
 
@@ -410,7 +409,7 @@ def test_clean_zoo_awkward_names_links_animations_and_s3_traversal(tmp_path: Pat
     def normalised(img: Image.Image) -> np.ndarray:
         out = normalise(encode(img), mode=cfg.data.mode, resolution=RES, max_pixels=cfg.clean.max_pixels,
                         min_side=cfg.clean.min_side, blank_std=cfg.clean.blank_std)
-        return np.asarray(Image.open(io.BytesIO(out.png)))
+        return np.asarray(to_pil(out.pixels))
 
     got = np.asarray(open_clean(ws, manifest, "anim.gif"))
     assert np.array_equal(got, normalised(frames[0]))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from genloop.core.config import load_params
 from genloop.core.manifest import read_manifest
+from genloop.core.shards import manifest_images
 from genloop.core.workspace import Workspace
 from genloop.stages import clean, collect
 from tests.data.test_clean import make_zoo, noise_png
@@ -32,10 +34,12 @@ def clean_with(tmp_path: Path, src: Path, name: str, mode: str, *parallel: str) 
     return ws, clean.run(cfg, ws)
 
 
-def outputs(ws: Workspace) -> tuple[pd.DataFrame, dict, dict[str, bytes]]:
+def outputs(ws: Workspace) -> tuple[pd.DataFrame, dict, np.ndarray]:
+    """The manifest without the shard and offset columns (those follow the chunking), the report,
+    and the images in manifest order."""
     report = json.loads(ws.report("clean").read_text())
-    files = {p.name: p.read_bytes() for p in ws.clean.iterdir()}
-    return read_manifest(ws.manifest), report, files
+    manifest = read_manifest(ws.manifest)
+    return manifest.drop(columns=["shard", "offset"]), report, manifest_images(ws.clean, manifest)
 
 
 @pytest.mark.parametrize(("mode", "colour_from"), [("L", None), ("auto", 90)])
@@ -46,10 +50,13 @@ def test_clean_on_a_process_pool_publishes_what_one_process_does(tmp_path: Path,
     one, _ = clean_with(tmp_path, src, "serial", mode, "parallel.engine=serial")
     pool, summary = clean_with(tmp_path, src, "pool", mode, "parallel.engine=processes", "parallel.workers=2",
                                "parallel.chunk_size=9")
-    manifest, report, files = outputs(pool)
-    manifest_1, report_1, files_1 = outputs(one)
+    manifest, report, images = outputs(pool)
+    manifest_1, report_1, images_1 = outputs(one)
     pd.testing.assert_frame_equal(manifest, manifest_1)
-    assert files == files_1
+    assert np.array_equal(images, images_1)
+    # a shard per chunk: the serial run's one chunk of 512 files, the pool's chunks of 9 files
+    assert len(list(one.clean.iterdir())) == 1
+    assert len(list(pool.clean.iterdir())) >= len(manifest) / 9
     assert report["dropped_files"] == report_1["dropped_files"] and report["mode"] == report_1["mode"]
     assert report["mode"] == ("RGB" if colour_from is not None else "L")
     assert summary["kept"] == len(manifest) > 100

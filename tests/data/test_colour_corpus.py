@@ -11,7 +11,7 @@ from PIL import Image
 from genloop.core.manifest import read_manifest
 from genloop.core.workspace import Workspace
 from tests.colour_corpus import emoji_folder
-from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
+from tests.helpers import BIN, TINY, clean_images, cli_env, make_workspace, run_cli
 
 N = 200
 
@@ -39,7 +39,7 @@ def test_emoji_stay_rgb_with_colour_through_collect_and_clean(tmp_path: Path) ->
     manifest = read_manifest(ws.manifest)
     # every emoji is a distinct picture: clean drops only those whose perceptual hash equals another's
     assert 0.8 * N <= len(manifest) <= N
-    cleaned = [Image.open(ws.clean / rel) for rel in manifest["file"]]
+    cleaned = clean_images(ws)
     assert set(manifest["mode"]) == {"RGB"}
     assert {img.mode for img in cleaned} == {"RGB"}
     assert {img.size for img in cleaned} == {(32, 32)}

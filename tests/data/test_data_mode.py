@@ -18,6 +18,7 @@ from genloop.core.manifest import corpus_mode, read_manifest
 from genloop.core.workspace import Workspace
 from genloop.stages import clean, collect, train
 from tests.colour_corpus import emoji_folder
+from tests.helpers import clean_images
 
 RES = 32
 
@@ -117,7 +118,7 @@ def clean_folder(src: Path, ws: Workspace, *overrides: str) -> tuple[dict[str, o
 
 
 def clean_arrays(ws: Workspace) -> list[np.ndarray]:
-    return [np.asarray(Image.open(ws.clean / f)) for f in read_manifest(ws.manifest)["file"]]
+    return [np.asarray(img) for img in clean_images(ws)]
 
 
 def write_grey_corpus(src: Path, n: int = 6) -> None:

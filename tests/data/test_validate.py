@@ -38,7 +38,8 @@ def make_manifest(n: int = 12, labels: list[str] | None = None) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "id": [r[:16] for r in raw],
-            "file": [f"{r[:16]}.png" for r in raw],
+            "shard": [f"shard{i // 5}.npy" for i in range(n)],
+            "offset": [i % 5 for i in range(n)],
             "sha256": [_h(f"png{i}") for i in range(n)],
             "raw_sha256": raw,
             "pixel_hash": [_h(f"px{i}") for i in range(n)],

@@ -22,7 +22,7 @@ from genloop.core.workspace import Workspace
 from genloop.eval.extractors import inception_weights_path, standard_unavailable
 from genloop.models import load_generator
 from genloop.stages import clean, collect, evaluate, generate, optimize, register, train, validate
-from tests.helpers import TINY, expected_extractor, expected_steps
+from tests.helpers import TINY, clean_images, expected_extractor, expected_steps, export_clean_pngs
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,8 @@ def unlabelled(pipeline, tmp_path_factory: pytest.TempPathFactory) -> tuple[Work
     pipeline's generator evaluated on them."""
     labelled_ws = pipeline[0]
     root = tmp_path_factory.mktemp("unlabelled")
-    images = shutil.copytree(labelled_ws.clean, root / "images")
+    images = root / "images"
+    export_clean_pngs(labelled_ws, images)
     ws = Workspace.at(root / "ws")
     cfg = load_params(None, [*TINY, "collect.dvc_add=false", f"collect.sources=[{{uri: '{images}', labels: none}}]"])
     collect.run(cfg, ws)
@@ -267,12 +268,13 @@ def test_optimize_drops_copies_of_training_images(pipeline):
     version = results["generate"]["model_version"]
     folder = ws.generated / version
     manifest = pd.read_parquet(folder / "manifest.parquet")
-    train_files = read_manifest(ws.manifest).query("split == 'train'")["file"].tolist()
+    train = read_manifest(ws.manifest)["split"] == "train"
+    train_images = [img for img, t in zip(clean_images(ws), train, strict=True) if t]
     saved = {f: (folder / f).read_bytes() for f in manifest["file"][:5]}
     before = pd.read_parquet(Path(optimize.run(cfg, ws)["folder"]) / "scores.parquet")
     try:
-        for f, src in zip(manifest["file"][:5], train_files[:5], strict=True):
-            (folder / f).write_bytes((ws.clean / src).read_bytes())
+        for f, img in zip(manifest["file"][:5], train_images[:5], strict=True):
+            img.save(folder / f, format="PNG")
         out = optimize.run(cfg, ws)
         scores = pd.read_parquet(Path(out["folder"]) / "scores.parquet")
         copied = scores[scores["file"].isin(list(saved))]

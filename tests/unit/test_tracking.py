@@ -68,7 +68,7 @@ def _clean_workspace(root):
     ws = Workspace.at(root)
     ws.manifest.parent.mkdir(parents=True)
     ws.clean.mkdir()
-    rows = [{"id": f"{i:016x}", "file": f"{i:016x}.png", "sha256": "ab" * 32, "raw_sha256": "cd" * 32,
+    rows = [{"id": f"{i:016x}", "shard": "a.npy", "offset": i, "sha256": "ab" * 32, "raw_sha256": "cd" * 32,
              "pixel_hash": "ef" * 32, "phash": "0" * 16, "width": 32, "height": 32, "mode": "L",
              "source": "builtin:mnist", "label": str(i) if i else None, "split": "train" if i else "holdout"}
             for i in range(3)]

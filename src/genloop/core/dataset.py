@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import read_manifest
+from genloop.core.shards import manifest_images
 from genloop.core.workspace import Workspace
 
 
@@ -40,15 +39,7 @@ def load_split(ws: Workspace, split: str | None, classes: list[str] | None = Non
     rows = manifest if split is None else manifest[manifest["split"] == split]
     if rows.empty:
         raise StageInputMissing(f"no {split or ''} images in {ws.manifest}: run `genloop clean`")
-    arrays = []
-    for name in rows["file"]:
-        path = ws.clean / name
-        if not path.exists():
-            raise StageInputMissing(f"{path} is listed in the manifest but missing: rerun `genloop clean`")
-        with Image.open(path) as img:
-            arr = np.asarray(img)
-        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    images = torch.from_numpy(np.stack(arrays))
+    images = torch.from_numpy(manifest_images(ws.clean, rows.reset_index(drop=True)).transpose(0, 3, 1, 2).copy())
     labels = None
     if classes is None:
         classes = sorted(rows["label"].dropna().unique().tolist(), key=_natural)

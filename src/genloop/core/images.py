@@ -17,7 +17,7 @@ class RejectedImage(Exception):
 
 @dataclass(frozen=True)
 class Normalised:
-    png: bytes
+    pixels: np.ndarray  # H x W x C uint8 (C = 1 for L)
     pixel_hash: str
     phash: str
     width: int  # of the original image
@@ -116,7 +116,7 @@ def normalise(
     background: str = "#ffffff",
 ) -> Normalised:
     """Decode, convert (`mode` L or RGB, transparency on `background`), square-crop, resize and
-    re-encode an image without metadata; whether it has colour is judged on the same decode."""
+    keep its pixels only (no metadata); whether it has colour is judged on the same decode."""
     import imagehash
 
     img, frames = decode_frames(data, max_pixels)
@@ -133,23 +133,14 @@ def normalise(
     std = float(pixels.std())
     if std < blank_std:
         raise RejectedImage(f"blank image: pixel std {std:.2f} < clean.blank_std={blank_std}")
-    clean = Image.fromarray(pixels, mode=mode)  # a fresh image: no EXIF, ICC or text chunks
-    buf = io.BytesIO()
-    clean.save(buf, format="PNG", optimize=False)
     pixel_hash = hashlib.sha256(f"{mode}{resolution}".encode() + pixels.tobytes()).hexdigest()
     return Normalised(
-        png=buf.getvalue(),
+        pixels=pixels[:, :, None] if pixels.ndim == 2 else pixels,
         pixel_hash=pixel_hash,
-        phash=str(imagehash.phash(clean)),
+        phash=str(imagehash.phash(img)),
         width=width,
         height=height,
         original_mode=original_mode,
         colour=colour,
         note=f"animated: {frames} frames, the first frame is used" if frames > 1 else None,
     )
-
-
-def load_png_array(data: bytes) -> np.ndarray:
-    """A clean PNG as an HxWxC uint8 array."""
-    arr = np.asarray(Image.open(io.BytesIO(data)))
-    return arr[:, :, None] if arr.ndim == 2 else arr

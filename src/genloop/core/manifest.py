@@ -25,8 +25,9 @@ FEEDBACK_SOURCE = "feedback:"  # the `source` of images reviewers accepted (or r
 
 MANIFEST_COLUMNS = {
     "id": "string",  # stable image id (prefix of raw_sha256)
-    "file": "string",  # path relative to data/clean
-    "sha256": "string",  # of the clean PNG
+    "shard": "string",  # the file in data/clean holding the image (genloop.core.shards)
+    "offset": "int64",  # the image's index in its shard
+    "sha256": "string",  # of the clean image's bytes in its shard
     "raw_sha256": "string",
     "pixel_hash": "string",  # sha256 of the normalised pixels (exact duplicates)
     "phash": "string",  # perceptual hash, hex (near duplicates)

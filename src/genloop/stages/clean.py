@@ -2,9 +2,11 @@
 
 Every raw file is decoded fully (corrupt, truncated, empty, non-image, bombs and blank
 images are dropped with a reason), converted to the corpus mode (transparency composited on
-`data.background`), square-cropped and resized to `data.resolution`, and re-encoded without
-metadata. Exact duplicates (same pixels) and near duplicates (perceptual hash within
-`clean.near_duplicate_distance`) are dropped. Per-file results are cached by (raw sha256,
+`data.background`), square-cropped and resized to `data.resolution`, and kept as pixels only
+(no metadata) in shards: data/clean holds one `.npy` array per chunk of files, the manifest each
+image's shard and offset (`genloop.core.shards`). Exact duplicates (same pixels) and near
+duplicates (perceptual hash within `clean.near_duplicate_distance`) are dropped. Per-file results
+are cached by (raw sha256,
 normalisation params, mode), so a second clean over an unchanged data/raw decodes nothing again.
 
 The corpus mode: `data.mode` L or RGB as set, or with `auto` RGB when any image clean keeps has
@@ -42,13 +44,8 @@ from genloop.core.errors import StageInputMissing
 from genloop.core.images import RejectedImage, normalise
 from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
 from genloop.core.progress import Progress
-from genloop.core.storage import (
-    atomic_outputs,
-    restore_interrupted_swap,
-    sha256_bytes,
-    sync_files,
-    write_bytes_atomic,
-)
+from genloop.core.shards import shard_name, write_shard
+from genloop.core.storage import atomic_outputs, restore_interrupted_swap, sha256_bytes
 from genloop.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -63,8 +60,11 @@ CACHE_COLUMNS = {
     "original_mode": "string",
     "colour": "boolean",  # <NA> when dropped
     "note": "string",  # <NA> unless reading it needed a choice (an animation: its first frame)
-    "clean_sha256": "string",  # of the cleaned PNG: the manifest's sha256, without reading the file again
+    "clean_sha256": "string",  # of the image's bytes in its shard: the manifest's sha256
+    "shard": "string",  # the file in <cache>/shards (and data/clean) holding the image; <NA> when dropped
+    "offset": "Int64",  # the image's index in its shard
 }
+SHARDS = "shards"  # the cache's folder of shards
 
 
 def _cache_dir(cfg: Params, ws: Workspace, mode: str) -> Path:
@@ -98,12 +98,14 @@ class ChunkJob:
 
 
 def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> list[dict[str, object]]:
-    """Normalise each (raw sha256, data/raw path) of one chunk into `job.cache/<sha>.png`; one cache
-    row per file, with the reason when it is dropped. Files are written atomically, so a chunk run
-    again after its worker died leaves exactly what one run leaves. The same function runs in this
-    process, in a process pool and on Dask workers (`genloop.core.chunk_map`)."""
+    """Normalise each (raw sha256, data/raw path) of one chunk; the images kept go into one shard,
+    `job.cache/shards/<name>.npy`, named after the chunk's files. One cache row per file, with its
+    shard and offset when kept, the reason when dropped. The shard is written atomically under a
+    name the chunk decides, so a chunk run again after its worker died leaves exactly what one run
+    leaves. The same function runs in this process, in a process pool and on Dask workers
+    (`genloop.core.chunk_map`)."""
     rows: list[dict[str, object]] = []
-    written: list[Path] = []
+    images: list[np.ndarray] = []
     for sha, rel in files:
         row: dict[str, object] = {"raw_sha256": sha}
         path = job.raw / rel
@@ -115,13 +117,17 @@ def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> list[dict[str, o
         except RejectedImage as exc:
             row["reason"] = str(exc)
         else:
-            written.append(job.cache / f"{sha}.png")
-            write_bytes_atomic(written[-1], out.png, durable=False)
             row.update(pixel_hash=out.pixel_hash, phash=out.phash, width=out.width, height=out.height,
                        original_mode=out.original_mode, colour=out.colour, note=out.note,
-                       clean_sha256=sha256_bytes(out.png))
+                       clean_sha256=sha256_bytes(out.pixels.tobytes()), offset=len(images))
+            images.append(out.pixels)
         rows.append(row)
-    sync_files(written)  # durable before the rows that name them can reach the index
+    if images:
+        name = shard_name(sha for sha, _ in files)
+        write_shard(job.cache / SHARDS / name, np.stack(images))  # durable before its rows reach the index
+        for row in rows:
+            if "offset" in row:
+                row["shard"] = name
     return rows
 
 
@@ -263,9 +269,10 @@ def _split(raw_sha: str, holdout_fraction: float) -> str:
 
 
 def _publish(cache: Path, rows: pd.DataFrame, folder: Path) -> None:
-    """Fill the (temporary) folder that becomes data/clean with the kept images."""
-    for sha, name in zip(rows["raw_sha256"], rows["file"], strict=True):
-        src, dst = cache / f"{sha}.png", folder / name
+    """Fill the (temporary) folder that becomes data/clean with the shards of the kept images (a
+    shard may also hold images dropped later as duplicates: the manifest does not name them)."""
+    for name in rows["shard"].drop_duplicates():
+        src, dst = cache / SHARDS / name, folder / name
         try:
             os.link(src, dst)
         except OSError:
@@ -327,7 +334,6 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
         split=[("train" if src == FEEDBACK_SOURCE else _split(s, cfg.data.holdout_fraction))
                for s, src in zip(kept["raw_sha256"], kept["source"], strict=True)],
     )
-    kept["file"] = kept["id"] + ".png"
     kept["sha256"] = kept["clean_sha256"]
     kept["width"] = cfg.data.resolution
     kept["height"] = cfg.data.resolution

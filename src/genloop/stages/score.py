@@ -19,7 +19,7 @@ import numpy as np
 
 from genloop.core.config import Params
 from genloop.core.errors import GenloopError
-from genloop.core.images import RejectedImage, load_png_array, normalise
+from genloop.core.images import RejectedImage, normalise
 from genloop.core.manifest import corpus_mode
 from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
@@ -54,7 +54,7 @@ def read_folder(cfg: Params, ws: Workspace, folder: Path) -> tuple[np.ndarray, l
             except RejectedImage as exc:
                 rejected.append({"file": str(path.relative_to(folder)), "reason": str(exc)})
             else:
-                arrays.append(load_png_array(norm.png))
+                arrays.append(norm.pixels)
                 digest.update(norm.pixel_hash.encode())
             bar.advance()
     if not arrays:

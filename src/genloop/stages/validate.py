@@ -41,7 +41,7 @@ DOCS_SITE_NAME = "genloop_data_docs"
 DEFAULT_DOCS_SITE_NAME = "local_site"  # GE's default site in gx/uncommitted; replaced by ours
 
 #: Columns every manifest row must fill.
-REQUIRED_COLUMNS = ("id", "file", "sha256", "pixel_hash", "phash", "width", "height", "mode",
+REQUIRED_COLUMNS = ("id", "shard", "offset", "sha256", "pixel_hash", "phash", "width", "height", "mode",
                     "source", "split")
 UNIQUE_COLUMNS = ("id", "sha256", "pixel_hash")
 SPLITS = ("train", "holdout")
