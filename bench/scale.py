@@ -1,6 +1,8 @@
-"""How the data stages scale: a synthetic corpus of N images through collect and clean, beside a
-bare decode -> resize -> encode loop over the same files, one process per core (the limit clean
-can approach).
+"""How the data stages scale: a synthetic corpus of N images through collect, clean (twice: the
+second finds nothing new), validate, one epoch of train (the train split resident, then streamed
+from data/clean's shards), training's input pipeline alone, and DVC (`dvc add` and a no-op
+`dvc status` of data/raw and data/clean), beside a bare decode -> resize -> encode loop over the
+same files, one process per core (the limit clean can approach).
 
     .venv/bin/python bench/scale.py --n 10000 [--size 64] [--engines processes,serial] [--workdir DIR]
 
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +102,62 @@ def timed(cmd: list[str], cwd: Path) -> dict[str, float]:
     return {"seconds": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak / 1e9, 3)}
 
 
+def loader_throughput(ws: Path, batch: int = 256, seed: int = 0) -> dict[str, float]:
+    """Training's input pipeline alone, without a model: one epoch of seeded random batches of the
+    train split from the resident tensor, and the same batches streamed from the shards (read one
+    batch ahead in a thread, as train does). Images per second of each, and their ratio."""
+    import torch
+
+    from genloop.core.dataset import load_split
+    from genloop.core.workspace import Workspace
+
+    out: dict[str, float] = {}
+    for name, budget in (("resident", None), ("streamed", 0.0)):
+        start = time.perf_counter()
+        images = load_split(Workspace.at(ws), "train", memory_budget_gb=budget).images
+        load = time.perf_counter() - start
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        batches = [perm[i : i + batch] for i in range(0, len(perm) - batch + 1, batch)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(images.__getitem__, batches[0])
+            for k in range(len(batches)):
+                x = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = pool.submit(images.__getitem__, batches[k + 1])
+                x.float().div_(127.5).sub_(1.0)  # what train does to each batch (to_unit)
+        seconds = time.perf_counter() - start
+        out[f"{name}_load_s"] = round(load, 2)
+        out[f"{name}_img_per_s"] = round(len(batches) * batch / seconds)
+    out["streamed_to_resident"] = round(out["streamed_img_per_s"] / out["resident_img_per_s"], 3)
+    return out
+
+
+def dvc_steps(ws: Path) -> dict[str, dict[str, float]]:
+    """DVC on the workspace: `dvc add` of data/raw (one file per image, as collected) and of
+    data/clean (shards), then a no-op `dvc status` of each (the median of 3)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    subprocess.run([*dvc, "init", "-q"], cwd=ws, check=True)
+    out = {"add_raw": timed([*dvc, "add", "data/raw"], ws), "add_clean": timed([*dvc, "add", "data/clean"], ws)}
+    for name, target in (("status_raw", "data/raw.dvc"), ("status_clean", "data/clean.dvc")):
+        runs = [timed([*dvc, "status", target], ws) for _ in range(3)]
+        out[name] = sorted(runs, key=lambda r: r["seconds"])[1]
+    out["files"] = {"raw": sum(1 for p in (ws / "data" / "raw").rglob("*") if p.is_file()),  # type: ignore[dict-item]
+                    "clean": sum(1 for _ in (ws / "data" / "clean").iterdir())}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10_000, help="images in the synthetic corpus")
     ap.add_argument("--size", type=int, default=64, help="side of the synthetic images (pixels)")
     ap.add_argument("--resolution", type=int, default=32, help="data.resolution clean resizes to")
     ap.add_argument("--engines", default="processes,serial", help="parallel.engine values to time clean with")
+    ap.add_argument("--batch", type=int, default=256, help="train.batch_size of the train steps and the loader")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/genloop-scale"))
     args = ap.parse_args()
+    first_engine = args.engines.split(",")[0]
     workers = len(os.sched_getaffinity(0))
     corpus = args.workdir / f"corpus_{args.n}_{args.size}"
     if not corpus.exists() or sum(1 for _ in corpus.iterdir()) != args.n:
@@ -129,24 +179,39 @@ def main() -> None:
         again = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws)
         validate = timed([*GENLOOP, "validate", *settings], ws)
         kept = json.loads((ws / "reports" / "clean.json").read_text())["kept"]
+        steps: dict[str, object] = {}
+        if engine == first_engine:  # train, the loader and DVC do not depend on clean's engine
+            for name, budget in (("train_resident", 8.0), ("train_streamed", 0.0)):
+                steps[name] = timed([*GENLOOP, "train", *settings, "--set", "train.epochs=1", "--set",
+                                     f"train.batch_size={args.batch}", "--set", f"train.memory_budget_gb={budget}",
+                                     "--set", "train.resume=never"], ws)
+                steps[name]["img_per_s"] = json.loads((ws / "reports" / "train.json").read_text())["img_per_s"]
+            steps["loader"] = loader_throughput(ws, args.batch)
+            steps["dvc"] = dvc_steps(ws)
         clean["img_per_s"] = round(args.n / clean["seconds"], 1)
         clean["ratio_to_bare"] = round(bare / clean["seconds"], 3)
         again["ms_per_unchanged_file"] = round(1000 * again["seconds"] / args.n, 3)
         results[engine] = {"collect": collect, "clean": clean, "clean_again": again, "validate": validate,
-                           "kept": kept}
+                           "kept": kept, **steps}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"scale_{args.n}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{args.n:,} RGB {args.size}-px PNGs -> {args.resolution} px, {workers} cores "
           f"(bare reference: {results['bare_reference']['img_per_s']:,} img/s)")
-    print(f"{'engine':<10} {'step':<12} {'seconds':>8} {'peak GB':>8}  note")
+    print(f"{'engine':<10} {'step':<14} {'seconds':>8} {'peak GB':>8}  note")
     for engine in args.engines.split(","):
         for step, r in results[engine].items():
-            if not isinstance(r, dict):
+            if not isinstance(r, dict) or step in ("loader", "dvc"):
                 continue
             note = (f"{r['img_per_s']:,} img/s, {r['ratio_to_bare']:.2f} of bare" if step == "clean" else
-                    f"{r['ms_per_unchanged_file']} ms per unchanged file" if step == "clean_again" else "")
-            print(f"{engine:<10} {step:<12} {r['seconds']:>8} {r['peak_rss_gb']:>8}  {note}")
+                    f"{r['ms_per_unchanged_file']} ms per unchanged file" if step == "clean_again" else
+                    f"{r['img_per_s']:,} img/s training" if step.startswith("train") else "")
+            print(f"{engine:<10} {step:<14} {r['seconds']:>8} {r['peak_rss_gb']:>8}  {note}")
+        for step, r in results[engine].get("dvc", {}).items():
+            if "seconds" in r:
+                print(f"{engine:<10} dvc {step:<10} {r['seconds']:>8} {r['peak_rss_gb']:>8}")
+        if "loader" in results[engine]:
+            print(f"{engine:<10} loader: {results[engine]['loader']}")
     print(f"written: {out}")
 
 

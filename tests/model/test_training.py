@@ -89,3 +89,22 @@ def test_two_gloo_processes_train_with_ddp_and_only_rank_0_writes(prepared: Path
     assert len(list((ws / ".genloop" / "cache" / "checkpoints").glob("*/last.pt"))) == 1
     weights = _weights(ws)
     assert weights and all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_a_train_split_over_the_memory_budget_streams_from_the_shards_to_the_same_weights(prepared: Path,
+                                                                                          tmp_path: Path):
+    """train.memory_budget_gb=0: every batch is read from data/clean's shards (one batch ahead, in a
+    thread) instead of a resident tensor; the batches, and so the model, are the same."""
+    train = [str(BIN / "genloop"), "train", "--set", "train.epochs=2"]
+    resident = _copy(prepared, tmp_path / "resident")
+    run_cli(train, resident, cli_env(resident))
+    assert json.loads((resident / "reports" / "train.json").read_text())["streamed"] is False
+    streamed = _copy(prepared, tmp_path / "streamed")
+    done = run_cli([*train, "--set", "train.memory_budget_gb=0"], streamed, cli_env(streamed))
+    assert "streaming it from data/clean's shards" in " ".join(done.stderr.split())
+    assert json.loads((streamed / "reports" / "train.json").read_text())["streamed"] is True
+    a, b = _weights(resident), _weights(streamed)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a), "streamed training gave other weights than resident training"
+    # the VAE's prior was fitted on the streamed images too (the same encodings, the same prior)
+    assert torch.equal(a["prior_mean"], b["prior_mean"])

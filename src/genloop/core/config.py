@@ -249,6 +249,11 @@ class TrainParams(_Section):
         description="data-parallel processes under torchrun (DDP; NCCL on GPUs, gloo on CPU); 0 or 1: one process",
     )
     deterministic: bool = Field(False, description="torch deterministic algorithms: bit-exact resume on CPU")
+    memory_budget_gb: float = Field(
+        8.0, ge=0,
+        description="the most memory the train split's images may take on the training device (GB, uint8); a "
+                    "larger split streams from data/clean's shards batch by batch, to the same model",
+    )
     log_every: int = Field(25, ge=1, description="steps between metric flushes")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     grid_size: int = Field(80, ge=1, description="images in each per-epoch sample grid")

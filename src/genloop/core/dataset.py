@@ -4,24 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import read_manifest
-from genloop.core.shards import manifest_images
+from genloop.core.shards import ShardedImages, manifest_images
 from genloop.core.workspace import Workspace
 
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 N x C x H x W
+    images: torch.Tensor | ShardedImages  # uint8 N x C x H x W, in memory or read from the shards per batch
     labels: torch.Tensor | None  # long N, indices into classes
     classes: list[str]
     ids: list[str]
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """The images' size in memory (all of them, also when they stream)."""
+        n, c, h, w = self.images.shape
+        return n * c * h * w
 
     def to(self, device: torch.device) -> ImageSet:
         labels = self.labels.to(device) if self.labels is not None else None
@@ -33,13 +40,21 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
-def load_split(ws: Workspace, split: str | None, classes: list[str] | None = None) -> ImageSet:
-    """Images of one split ('train', 'holdout', or None for all) from data/clean."""
+def load_split(ws: Workspace, split: str | None, classes: list[str] | None = None,
+               memory_budget_gb: float | None = None) -> ImageSet:
+    """Images of one split ('train', 'holdout', or None for all) from data/clean: in memory, or,
+    when they take more than `memory_budget_gb`, a `ShardedImages` that reads them per batch."""
     manifest = read_manifest(ws.manifest)
     rows = manifest if split is None else manifest[manifest["split"] == split]
     if rows.empty:
         raise StageInputMissing(f"no {split or ''} images in {ws.manifest}: run `genloop clean`")
-    images = torch.from_numpy(manifest_images(ws.clean, rows.reset_index(drop=True)).transpose(0, 3, 1, 2).copy())
+    rows = rows.reset_index(drop=True)
+    streamed = ShardedImages(ws.clean, rows["shard"].astype(str).tolist(), rows["offset"].astype("int64").tolist())
+    if memory_budget_gb is not None and int(np.prod(streamed.shape)) > memory_budget_gb * 1e9:
+        images: torch.Tensor | ShardedImages = streamed
+    else:
+        streamed.close()
+        images = torch.from_numpy(manifest_images(ws.clean, rows).transpose(0, 3, 1, 2).copy())
     labels = None
     if classes is None:
         classes = sorted(rows["label"].dropna().unique().tolist(), key=_natural)

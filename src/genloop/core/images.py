@@ -137,7 +137,8 @@ def normalise(
     return Normalised(
         pixels=pixels[:, :, None] if pixels.ndim == 2 else pixels,
         pixel_hash=pixel_hash,
-        phash=str(imagehash.phash(img)),
+        # the same hex as str(ImageHash), whose bit-by-bit string join cost more than the hash itself
+        phash=np.packbits(imagehash.phash(img).hash.flatten()).tobytes().hex(),
         width=width,
         height=height,
         original_mode=original_mode,

@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from PIL import Image
 
 from genloop.core.errors import StageInputMissing
 from genloop.core.storage import atomic_path
+
+if TYPE_CHECKING:  # torch is imported where it is used: clean's workers never need it
+    import torch
 
 SUFFIX = ".npy"
 
@@ -59,6 +63,12 @@ def _open(path: Path) -> np.ndarray:
     return arr
 
 
+def _check_rows(path: Path, arr: np.ndarray, last: int) -> None:
+    if last >= len(arr):
+        raise StageInputMissing(f"{path} holds {len(arr)} images, the manifest asks for image {last}: "
+                                "run `genloop clean` again")
+
+
 def read_images(folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> np.ndarray:
     """The images at (`shards[i]`, `offsets[i]`) under `folder`, in that order, as one N x H x W x C
     uint8 array. Each shard is opened once (memory-mapped) and only the rows asked for are read."""
@@ -67,9 +77,7 @@ def read_images(folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> 
     for name, group in rows.groupby("shard", sort=False):
         arr = _open(folder / str(name))
         offs = group["offset"].to_numpy()
-        if len(offs) and (offs.min() < 0 or offs.max() >= len(arr)):
-            raise StageInputMissing(f"{folder / str(name)} holds {len(arr)} images, the manifest asks for "
-                                    f"image {int(offs.max())}: run `genloop clean` again")
+        _check_rows(folder / str(name), arr, int(offs.max()))
         if out is None:
             out = np.empty((len(rows), *arr.shape[1:]), dtype=np.uint8)
         elif arr.shape[1:] != out.shape[1:]:
@@ -90,3 +98,83 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
     """One H x W x C shard image as a PIL image (L for one channel, RGB for three)."""
     grey = pixels.shape[2] == 1
     return Image.fromarray(pixels[:, :, 0] if grey else pixels, mode="L" if grey else "RGB")
+
+
+class ShardedImages:
+    """The images of manifest rows, read from their shards batch by batch: what training indexes
+    instead of a resident tensor when the train split is over `train.memory_budget_gb`.
+
+    Indexing with a LongTensor of row numbers or a slice returns those images as an N x C x H x W
+    uint8 tensor on the CPU, exactly what the same index of the resident tensor returns. Each
+    image is one `os.pread` at its offset in its shard (the `.npy` header gives where the array
+    starts), so only the batch is in memory, not a memory map of every shard touched so far."""
+
+    def __init__(self, folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> None:
+        names = list(dict.fromkeys(shards))
+        self._paths = [folder / n for n in names]
+        rows = pd.DataFrame({"shard": list(shards), "offset": np.asarray(offsets, dtype=np.int64)})
+        last = rows.groupby("shard", sort=False)["offset"].max()
+        starts, shape = [], None
+        for name, path in zip(names, self._paths, strict=True):
+            arr = _open(path)
+            _check_rows(path, arr, int(last[name]))
+            if shape is not None and arr.shape[1:] != shape:
+                raise StageInputMissing(f"{path} holds {arr.shape[1:]} images, other shards {shape}: "
+                                        "run `genloop clean` again")
+            shape = arr.shape[1:]
+            starts.append(arr.offset)  # type: ignore[attr-defined]  # np.memmap: where the data begins
+            del arr
+        assert shape is not None, "no shards"
+        number = {n: i for i, n in enumerate(names)}
+        self._shard = np.array([number[s] for s in shards], dtype=np.int64)
+        self._row = np.asarray(offsets, dtype=np.int64)
+        self._start = np.array(starts, dtype=np.int64)
+        self._hwc = tuple(int(v) for v in shape)
+        self._bytes = int(np.prod(shape))
+        self._fds: dict[int, int] = {}
+        h, w, c = self._hwc
+        self.shape = (len(self._row), c, h, w)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device("cpu")
+
+    def to(self, device: torch.device) -> ShardedImages:
+        """Stays on disk: each batch goes to the device after it is read."""
+        return self
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self._paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        import torch
+
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else index.cpu().numpy().reshape(-1)
+        out = np.empty((len(rows), self._bytes), dtype=np.uint8)
+        for k, r in enumerate(rows.tolist()):
+            s = int(self._shard[r])
+            data = os.pread(self._fd(s), self._bytes, int(self._start[s] + self._row[r] * self._bytes))
+            if len(data) != self._bytes:
+                raise StageInputMissing(f"{self._paths[s]} ends before image {int(self._row[r])}: "
+                                        "run `genloop clean` again")
+            out[k] = np.frombuffer(data, dtype=np.uint8)
+        return torch.from_numpy(out.reshape(len(rows), *self._hwc).transpose(0, 3, 1, 2).copy())
+
+    def close(self) -> None:
+        fds = getattr(self, "_fds", {})  # absent when __init__ raised
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": {}}

@@ -147,9 +147,11 @@ def _encode(encoder: nn.Module, images: torch.Tensor, labels: torch.Tensor | Non
     from genloop.core.dataset import to_unit
 
     was_training = encoder.training
+    device = next(encoder.parameters()).device  # streamed images (ShardedImages) come from the shards on the CPU
     encoder.eval()
     try:
-        out = [encoder(to_unit(images[i: i + batch]), None if labels is None else labels[i: i + batch])[0].float()
+        out = [encoder(to_unit(images[i: i + batch].to(device)),
+                       None if labels is None else labels[i: i + batch])[0].float()
                for i in range(0, len(images), batch)]
     finally:
         encoder.train(was_training)

@@ -1,7 +1,9 @@
 """train: fit the generator on data/clean's train split and log it all to MLflow.
 
-The whole dataset sits on the training device as uint8 (no DataLoader); batches are drawn
-from a seeded permutation. EMA weights are kept and are what evaluation and generation
+The whole train split sits on the training device as uint8 (no DataLoader) when it fits in
+`train.memory_budget_gb`; a larger one streams from data/clean's shards, each batch read while
+the step before runs (`genloop.core.shards.ShardedImages`). Either way batches are drawn from
+the same seeded permutation, so both give the same model. EMA weights are kept and are what evaluation and generation
 use. Checkpoints (models, optimizers, EMA, RNG states, step) are written every
 `train.checkpoint_every` steps; with `train.resume: auto` a rerun continues from the last
 one, so a killed run loses at most that many steps. With `train.max_minutes` training stops after
@@ -15,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,7 +231,10 @@ def _prepare(cfg: Params, ws: Workspace, rt: Runtime, world: distributed.World) 
     """Data on the device, the family's trainer, the EMA copy and the step budget."""
     t = cfg.train
     torch.manual_seed(t.seed)
-    data = load_split(ws, "train")
+    data = load_split(ws, "train", memory_budget_gb=t.memory_budget_gb)
+    if not isinstance(data.images, torch.Tensor):
+        log.info("train: the train split (%.1f GB) is over train.memory_budget_gb=%s: streaming it from "
+                 "data/clean's shards", data.nbytes / 1e9, t.memory_budget_gb)
     spec = _spec(cfg, data, corpus_mode(ws.manifest))
     data = data.to(rt.device)
     trainer = family(spec.family).Trainer(spec, t.lr, t.beta1, rt.device)
@@ -279,9 +286,33 @@ def _step_values(s: _Session, losses: dict[str, torch.Tensor], resumed_from: int
     return values
 
 
+def _batches(s: _Session, perm: torch.Tensor, steps: range) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, uint8 images on the device) of each step of an epoch. Images streamed from
+    data/clean's shards (`ShardedImages`) are read one batch ahead in a thread, while the step
+    before runs; the batches are the same as from a resident tensor."""
+    def rows(i: int) -> torch.Tensor:
+        first = (i * s.world.size + s.world.rank) * s.batch  # this rank's slice of the global batch
+        return perm[first : first + s.batch]
+
+    if isinstance(s.data.images, torch.Tensor):
+        for i in steps:
+            idx = rows(i)
+            yield idx, s.data.images[idx]
+        return
+    read = s.data.images.__getitem__
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-reader") as pool:
+        ahead = pool.submit(read, rows(steps[0])) if len(steps) else None
+        for k, i in enumerate(steps):
+            assert ahead is not None
+            images = ahead.result()
+            if k + 1 < len(steps):
+                ahead = pool.submit(read, rows(steps[k + 1]))
+            yield rows(i), images.to(s.rt.device, non_blocking=True)
+
+
 def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, resumed_from: int) -> None:
     """The training loop: epochs of seeded permutations, EMA updates, logs and checkpoints."""
-    t, world, main = s.cfg.train, s.world, s.world.is_main
+    t, main = s.cfg.train, s.world.is_main
     s.clock = start = time.perf_counter()
     s.check_budget()  # a resumed run may have spent train.max_minutes already
     n = len(s.data)
@@ -289,10 +320,8 @@ def _epochs(s: _Session, metrics: tracking.MetricBuffer | None, bar: Progress, r
         epoch = s.step // s.steps_per_epoch
         s.data_rng.set_state(s.epoch_rng_state)
         perm = torch.randperm(n, generator=s.data_rng).to(s.rt.device)
-        for i in range(s.step - epoch * s.steps_per_epoch, s.steps_per_epoch):
-            first = (i * world.size + world.rank) * s.batch  # this rank's slice of the global batch
-            idx = perm[first : first + s.batch]
-            x = to_unit(s.data.images[idx])
+        for idx, images in _batches(s, perm, range(s.step - epoch * s.steps_per_epoch, s.steps_per_epoch)):
+            x = to_unit(images)
             if s.rt.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = s.data.labels[idx] if s.labels_on and s.data.labels is not None else None
@@ -356,6 +385,7 @@ def _summary(s: _Session, run_id: str, resumed_from: int, seconds: float) -> dic
         "seconds": round(seconds, 2),
         "img_per_s": round(trained * s.batch * s.world.size / seconds, 1) if trained and seconds > 0 else None,
         "device": s.rt.describe(),
+        "streamed": not isinstance(s.data.images, torch.Tensor),  # from data/clean's shards, per batch
         "world_size": s.world.size,
         "batch_per_process": s.batch,
         "final": {k: v for k, v in (s.history[-1] if s.history else {}).items()

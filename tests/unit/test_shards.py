@@ -1,0 +1,89 @@
+"""data/clean's shards: images read back exactly, in the manifest's order, in memory or per batch,
+and a clear error naming the file when a shard is missing or damaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genloop.core.errors import StageInputMissing
+from genloop.core.shards import ShardedImages, read_images, shard_name, write_shard
+
+
+def shards(folder: Path, channels: int = 3) -> tuple[np.ndarray, list[str], list[int]]:
+    """Three shards of 5, 1 and 7 images; returns every image and its (shard, offset), shuffled."""
+    rng = np.random.default_rng(0)
+    images, names, offsets = [], [], []
+    for k, n in enumerate((5, 1, 7)):
+        block = rng.integers(0, 256, (n, 8, 8, channels), dtype=np.uint8)
+        name = shard_name([f"chunk{k}-{i}" for i in range(n)])
+        write_shard(folder / name, block)
+        images += list(block)
+        names += [name] * n
+        offsets += list(range(n))
+    order = rng.permutation(len(images))
+    return np.stack(images)[order], [names[i] for i in order], [offsets[i] for i in order]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_images_come_back_in_the_order_asked_for_in_memory_and_streamed(tmp_path: Path, channels: int) -> None:
+    expected, names, offsets = shards(tmp_path, channels)
+    assert np.array_equal(read_images(tmp_path, names, offsets), expected)
+    streamed = ShardedImages(tmp_path, names, offsets)
+    resident = torch.from_numpy(expected.transpose(0, 3, 1, 2).copy())
+    assert streamed.shape == tuple(resident.shape) and len(streamed) == len(resident)
+    idx = torch.tensor([12, 0, 5, 5, 3])
+    assert torch.equal(streamed[idx], resident[idx])
+    assert torch.equal(streamed[2:9], resident[2:9])
+    assert streamed[idx].is_contiguous()
+
+
+def test_a_shard_name_follows_its_chunk(tmp_path: Path) -> None:
+    assert shard_name(["a", "b"]) == shard_name(["a", "b"]) != shard_name(["b", "a"])
+    assert shard_name(["ab"]) != shard_name(["a", "b"])
+    with pytest.raises(ValueError, match="uint8"):
+        write_shard(tmp_path / "x.npy", np.zeros((2, 4, 4, 1), dtype=np.float32))
+
+
+def test_a_missing_or_damaged_shard_is_named_with_what_to_do(tmp_path: Path) -> None:
+    _, names, offsets = shards(tmp_path)
+    (tmp_path / names[0]).unlink()
+    with pytest.raises(StageInputMissing, match=f"{names[0]} is listed in the manifest but missing: run `dvc"):
+        read_images(tmp_path, names, offsets)
+    other = next(n for n in names if n != names[0] and names.count(n) == 7)
+    data = (tmp_path / other).read_bytes()
+    (tmp_path / other).write_bytes(b"not a shard" + data[200:])
+    with pytest.raises(StageInputMissing, match=f"{other} is not a readable image shard"):
+        read_images(tmp_path, [other], [0])
+    (tmp_path / other).write_bytes(data)
+    with pytest.raises(StageInputMissing, match=r"holds \d+ images, the manifest asks for image 99"):
+        read_images(tmp_path, [other], [99])
+    with pytest.raises(StageInputMissing, match=r"holds 7 images, the manifest asks for image 7"):
+        ShardedImages(tmp_path, [other, other], [0, 7])
+    streamed = ShardedImages(tmp_path, [other, other], [0, 6])
+    (tmp_path / other).write_bytes(data[: len(data) - 8 * 8 * 3 * 2])  # truncated after it was opened
+    assert streamed[torch.tensor([0])].shape == (1, 3, 8, 8)
+    with pytest.raises(StageInputMissing, match="ends before image 6"):
+        streamed[torch.tensor([0, 1])]
+
+
+def test_the_perceptual_hash_is_the_hex_imagehash_writes() -> None:
+    """clean stores phash hex from the bits directly: it must equal str(ImageHash), the form caches and
+    reports of earlier versions hold."""
+    import imagehash
+    from PIL import Image
+
+    from genloop.core.images import normalise
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out = normalise(buf.getvalue(), mode="RGB", resolution=32, max_pixels=10**7, min_side=8, blank_std=1.0)
+        assert out.phash == str(imagehash.phash(Image.fromarray(out.pixels)))
