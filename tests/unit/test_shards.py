@@ -70,20 +70,25 @@ def test_a_missing_or_damaged_shard_is_named_with_what_to_do(tmp_path: Path) -> 
         streamed[torch.tensor([0, 1])]
 
 
-def test_the_perceptual_hash_is_the_hex_imagehash_writes() -> None:
-    """clean stores phash hex from the bits directly: it must equal str(ImageHash), the form caches and
-    reports of earlier versions hold."""
+def test_the_perceptual_hash_is_imagehash_phash() -> None:
+    """clean's own perceptual hash (a DCT matrix product, for speed) gives imagehash's bits and hex,
+    on noise and on smooth pictures, at the size it is computed on and at others it resizes from."""
     import imagehash
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    from genloop.core.images import normalise
+    from genloop.core.images import perceptual_hash
 
     rng = np.random.default_rng(3)
-    for _ in range(20):
-        img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-        import io
-
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out = normalise(buf.getvalue(), mode="RGB", resolution=32, max_pixels=10**7, min_side=8, blank_std=1.0)
-        assert out.phash == str(imagehash.phash(Image.fromarray(out.pixels)))
+    pictures = []
+    for side in (28, 32, 64):
+        for k in range(30):
+            pictures.append(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+            smooth = Image.new("RGB", (side, side), tuple(int(v) for v in rng.integers(0, 256, 3)))
+            draw = ImageDraw.Draw(smooth)
+            box = sorted(rng.integers(0, side, 2).tolist()) + sorted(rng.integers(0, side, 2).tolist())
+            draw.ellipse([box[0], box[2], box[1] + 1, box[3] + 1], fill=(k * 8, 255 - k * 8, 90))
+            pictures.append(smooth)
+            half = rng.integers(0, 256, (side, side // 2), dtype=np.uint8)  # mirrored: DCT coefficients tie
+            pictures.append(Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)))
+        pictures.append(Image.new("RGB", (side, side), (200, 10, 10)))  # flat: every AC coefficient is 0
+    assert [perceptual_hash(p) for p in pictures] == [str(imagehash.phash(p)) for p in pictures]

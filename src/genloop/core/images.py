@@ -67,8 +67,8 @@ def has_colour(img: Image.Image, side: int = 64) -> bool:
     if img.mode != "RGB":
         return False
     factor = max(1, min(img.size) // side)
-    arr = np.asarray(img.reduce(factor) if factor > 1 else img, dtype=np.int16)
-    coloured = (arr.max(axis=2) - arr.min(axis=2)) > COLOUR_TOLERANCE
+    arr = np.asarray(img.reduce(factor) if factor > 1 else img)
+    coloured = (arr.max(axis=2) - arr.min(axis=2)) > COLOUR_TOLERANCE  # uint8: max >= min, no wrap
     return float(coloured.mean()) > COLOUR_SHARE
 
 
@@ -111,14 +111,40 @@ def decode_frames(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
         raise RejectedImage(f"truncated or corrupt image: {exc}") from None
 
 
+PHASH_SIDE, PHASH_BITS = 32, 8  # imagehash.phash's defaults: a 32 x 32 grey image, its 8 x 8 lowest frequencies
+# rows k < 8 of the unnormalised DCT-II matrix of size 32 (scipy.fftpack.dct's convention)
+_DCT = 2.0 * np.cos(np.pi * np.arange(PHASH_BITS)[:, None] * (2 * np.arange(PHASH_SIDE)[None, :] + 1)
+                    / (2 * PHASH_SIDE))
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    """imagehash.phash of `img` as hex (the same bits: grey, LANCZOS to 32 x 32, the 8 x 8 lowest
+    DCT frequencies against their median). Hand-written because imagehash's two full 32-point
+    DCTs and bit-by-bit hex string took 0.41 ms per image, 40 % of clean's work per image; the
+    8 x 32 DCT matrix product and `np.packbits` take about 0.03 ms. A test keeps it equal to
+    imagehash on random images."""
+    grey = img.convert("L")
+    if grey.size != (PHASH_SIDE, PHASH_SIDE):
+        grey = grey.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS)
+    # rounded: where the FFT's DCT gives exact zeros (a flat image) the product leaves 1e-13 noise
+    low = np.round(_DCT @ np.asarray(grey, dtype=np.float64) @ _DCT.T, 4)
+    return np.packbits((low > np.median(low)).ravel()).tobytes().hex()
+
+
+def _std(pixels: np.ndarray) -> float:
+    """The standard deviation of uint8 pixels from integer sums (np.std's float64 passes cost 0.1 ms)."""
+    v = pixels.ravel().astype(np.int64)
+    n = v.size
+    total, squares = int(v.sum()), int(v @ v)
+    return float(np.sqrt(max(squares * n - total * total, 0)) / n)
+
+
 def normalise(
     data: bytes, *, mode: str, resolution: int, max_pixels: int, min_side: int, blank_std: float,
     background: str = "#ffffff",
 ) -> Normalised:
     """Decode, convert (`mode` L or RGB, transparency on `background`), square-crop, resize and
     keep its pixels only (no metadata); whether it has colour is judged on the same decode."""
-    import imagehash
-
     img, frames = decode_frames(data, max_pixels)
     width, height = img.size
     original_mode = img.mode
@@ -130,15 +156,14 @@ def normalise(
     img = rgb.convert(mode) if rgb is not None else to_mode(img, mode, background)
     img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)
     pixels = np.asarray(img)
-    std = float(pixels.std())
+    std = _std(pixels)
     if std < blank_std:
         raise RejectedImage(f"blank image: pixel std {std:.2f} < clean.blank_std={blank_std}")
     pixel_hash = hashlib.sha256(f"{mode}{resolution}".encode() + pixels.tobytes()).hexdigest()
     return Normalised(
         pixels=pixels[:, :, None] if pixels.ndim == 2 else pixels,
         pixel_hash=pixel_hash,
-        # the same hex as str(ImageHash), whose bit-by-bit string join cost more than the hash itself
-        phash=np.packbits(imagehash.phash(img).hash.flatten()).tobytes().hex(),
+        phash=perceptual_hash(img),
         width=width,
         height=height,
         original_mode=original_mode,

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from genloop.core.errors import StageInputMissing
 from genloop.core.storage import atomic_path
 
-if TYPE_CHECKING:  # torch is imported where it is used: clean's workers never need it
+if TYPE_CHECKING:  # torch and pandas are imported where they are used: clean's workers need neither
+    import pandas as pd
     import torch
 
 SUFFIX = ".npy"
@@ -69,21 +69,33 @@ def _check_rows(path: Path, arr: np.ndarray, last: int) -> None:
                                 "run `genloop clean` again")
 
 
+def _by_shard(shards: Sequence[str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """The distinct shard names in first-seen order, each row's number among them, and the rows
+    of each shard."""
+    names = list(dict.fromkeys(shards))
+    number = {n: i for i, n in enumerate(names)}
+    ids = np.fromiter((number[s] for s in shards), dtype=np.int64, count=len(shards))
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(len(names) + 1))
+    return names, ids, [order[bounds[k] : bounds[k + 1]] for k in range(len(names))]
+
+
 def read_images(folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> np.ndarray:
     """The images at (`shards[i]`, `offsets[i]`) under `folder`, in that order, as one N x H x W x C
     uint8 array. Each shard is opened once (memory-mapped) and only the rows asked for are read."""
-    rows = pd.DataFrame({"shard": list(shards), "offset": np.asarray(offsets, dtype=np.int64)})
+    offsets = np.asarray(offsets, dtype=np.int64)
+    names, _, groups = _by_shard(shards)
     out: np.ndarray | None = None
-    for name, group in rows.groupby("shard", sort=False):
-        arr = _open(folder / str(name))
-        offs = group["offset"].to_numpy()
-        _check_rows(folder / str(name), arr, int(offs.max()))
+    for name, rows in zip(names, groups, strict=True):
+        arr = _open(folder / name)
+        offs = offsets[rows]
+        _check_rows(folder / name, arr, int(offs.max()))
         if out is None:
-            out = np.empty((len(rows), *arr.shape[1:]), dtype=np.uint8)
+            out = np.empty((len(offsets), *arr.shape[1:]), dtype=np.uint8)
         elif arr.shape[1:] != out.shape[1:]:
-            raise StageInputMissing(f"{folder / str(name)} holds {arr.shape[1:]} images, other shards "
+            raise StageInputMissing(f"{folder / name} holds {arr.shape[1:]} images, other shards "
                                     f"{out.shape[1:]}: run `genloop clean` again")
-        out[group.index.to_numpy()] = arr[offs]
+        out[rows] = arr[offs]
     if out is None:
         raise StageInputMissing(f"no images asked for from {folder}")
     return out
@@ -110,14 +122,13 @@ class ShardedImages:
     starts), so only the batch is in memory, not a memory map of every shard touched so far."""
 
     def __init__(self, folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> None:
-        names = list(dict.fromkeys(shards))
+        names, ids, groups = _by_shard(shards)
         self._paths = [folder / n for n in names]
-        rows = pd.DataFrame({"shard": list(shards), "offset": np.asarray(offsets, dtype=np.int64)})
-        last = rows.groupby("shard", sort=False)["offset"].max()
+        self._row = np.asarray(offsets, dtype=np.int64)
         starts, shape = [], None
-        for name, path in zip(names, self._paths, strict=True):
+        for path, rows in zip(self._paths, groups, strict=True):
             arr = _open(path)
-            _check_rows(path, arr, int(last[name]))
+            _check_rows(path, arr, int(self._row[rows].max()))
             if shape is not None and arr.shape[1:] != shape:
                 raise StageInputMissing(f"{path} holds {arr.shape[1:]} images, other shards {shape}: "
                                         "run `genloop clean` again")
@@ -125,9 +136,7 @@ class ShardedImages:
             starts.append(arr.offset)  # type: ignore[attr-defined]  # np.memmap: where the data begins
             del arr
         assert shape is not None, "no shards"
-        number = {n: i for i, n in enumerate(names)}
-        self._shard = np.array([number[s] for s in shards], dtype=np.int64)
-        self._row = np.asarray(offsets, dtype=np.int64)
+        self._shard = ids
         self._start = np.array(starts, dtype=np.int64)
         self._hwc = tuple(int(v) for v in shape)
         self._bytes = int(np.prod(shape))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,11 @@ import pandas as pd
 from genloop.core.chunk_map import chunk_map, chunked, engine_summary
 from genloop.core.config import Params
 from genloop.core.errors import StageInputMissing
-from genloop.core.images import RejectedImage, normalise
 from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
 from genloop.core.progress import Progress
-from genloop.core.shards import shard_name, write_shard
-from genloop.core.storage import atomic_outputs, restore_interrupted_swap, sha256_bytes
+from genloop.core.storage import atomic_outputs, restore_interrupted_swap
 from genloop.core.workspace import Workspace
+from genloop.stages.clean_chunk import SHARDS, ChunkJob, clean_chunk
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +62,14 @@ CACHE_COLUMNS = {
     "shard": "string",  # the file in <cache>/shards (and data/clean) holding the image; <NA> when dropped
     "offset": "Int64",  # the image's index in its shard
 }
-SHARDS = "shards"  # the cache's folder of shards
+CACHE_VERSION = 2  # 2: images in shards, perceptual hashes from genloop.core.images.perceptual_hash
 
 
 def _cache_dir(cfg: Params, ws: Workspace, mode: str) -> Path:
     """The per-file cache of one resolved mode (auto and the mode it resolved to share one)."""
     resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"mode": mode})})
     key = resolved.section_hash("data", "clean")
-    return ws.cache / "clean" / key
+    return ws.cache / "clean" / f"{key}-v{CACHE_VERSION}"
 
 
 def _load_cache(cache: Path) -> pd.DataFrame:
@@ -81,54 +79,6 @@ def _load_cache(cache: Path) -> pd.DataFrame:
         if set(CACHE_COLUMNS) <= set(table.columns):  # an index from before a column was added: redo
             return table[list(CACHE_COLUMNS)].astype(CACHE_COLUMNS)
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
-
-
-@dataclass(frozen=True)
-class ChunkJob:
-    """What a clean chunk needs: plain values only, so that it pickles to a process or Dask worker."""
-
-    raw: Path
-    cache: Path
-    mode: str
-    resolution: int
-    max_pixels: int
-    min_side: int
-    blank_std: float
-    background: str
-
-
-def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> list[dict[str, object]]:
-    """Normalise each (raw sha256, data/raw path) of one chunk; the images kept go into one shard,
-    `job.cache/shards/<name>.npy`, named after the chunk's files. One cache row per file, with its
-    shard and offset when kept, the reason when dropped. The shard is written atomically under a
-    name the chunk decides, so a chunk run again after its worker died leaves exactly what one run
-    leaves. The same function runs in this process, in a process pool and on Dask workers
-    (`genloop.core.chunk_map`)."""
-    rows: list[dict[str, object]] = []
-    images: list[np.ndarray] = []
-    for sha, rel in files:
-        row: dict[str, object] = {"raw_sha256": sha}
-        path = job.raw / rel
-        try:
-            if not path.exists():
-                raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`")
-            out = normalise(path.read_bytes(), mode=job.mode, resolution=job.resolution, max_pixels=job.max_pixels,
-                            min_side=job.min_side, blank_std=job.blank_std, background=job.background)
-        except RejectedImage as exc:
-            row["reason"] = str(exc)
-        else:
-            row.update(pixel_hash=out.pixel_hash, phash=out.phash, width=out.width, height=out.height,
-                       original_mode=out.original_mode, colour=out.colour, note=out.note,
-                       clean_sha256=sha256_bytes(out.pixels.tobytes()), offset=len(images))
-            images.append(out.pixels)
-        rows.append(row)
-    if images:
-        name = shard_name(sha for sha, _ in files)
-        write_shard(job.cache / SHARDS / name, np.stack(images))  # durable before its rows reach the index
-        for row in rows:
-            if "offset" in row:
-                row["shard"] = name
-    return rows
 
 
 def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
