@@ -74,11 +74,12 @@ def bare_reference(folder: Path, resolution: int, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def timed(cmd: list[str], cwd: Path) -> dict[str, float]:
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict[str, float]:
     """Run `cmd`; its wall seconds and the peak RSS (GB) of its process tree."""
     peak = 0
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     done = threading.Event()
 
     def sample() -> None:
@@ -148,39 +149,24 @@ def dvc_steps(ws: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=10_000, help="images in the synthetic corpus")
-    ap.add_argument("--size", type=int, default=64, help="side of the synthetic images (pixels)")
-    ap.add_argument("--resolution", type=int, default=32, help="data.resolution clean resizes to")
-    ap.add_argument("--engines", default="processes,serial", help="parallel.engine values to time clean with")
-    ap.add_argument("--batch", type=int, default=256, help="train.batch_size of the train steps and the loader")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/genloop-scale"))
-    args = ap.parse_args()
+def run_engines(args: argparse.Namespace, corpus: Path, bare: float, settings: list[str], services: dict[str, str],
+                results: dict[str, object]) -> None:
+    """Every step on a fresh workspace per engine; train, the loader and DVC with the first engine only
+    (they do not depend on how clean spread its work). `services`: the Prefect server's env, for dask."""
     first_engine = args.engines.split(",")[0]
-    workers = len(os.sched_getaffinity(0))
-    corpus = args.workdir / f"corpus_{args.n}_{args.size}"
-    if not corpus.exists() or sum(1 for _ in corpus.iterdir()) != args.n:
-        start = time.perf_counter()
-        synthetic_corpus(corpus, args.n, args.size)
-        print(f"corpus: {args.n:,} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    results: dict[str, object] = {"n": args.n, "size": args.size, "resolution": args.resolution, "cores": workers}
-    bare = bare_reference(corpus, args.resolution, workers)
-    results["bare_reference"] = {"seconds": round(bare, 2), "img_per_s": round(args.n / bare, 1)}
-    settings = ["--set", "collect.dvc_add=false", "--set", f"collect.sources=['{corpus}']",
-                "--set", f"data.resolution={args.resolution}", "--set", "data.mode=RGB"]
     for engine in args.engines.split(","):
         ws = args.workdir / f"ws_{args.n}_{engine}"
+        env = services if engine == "dask" else None
         subprocess.run(["rm", "-rf", str(ws)], check=True)
         ws.mkdir(parents=True)
         (ws / "params.yaml").write_text((ROOT / "params.yaml").read_text())
         collect = timed([*GENLOOP, "collect", *settings], ws)
-        clean = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws)
-        again = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws)
+        clean = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws, env)
+        again = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws, env)
         validate = timed([*GENLOOP, "validate", *settings], ws)
         kept = json.loads((ws / "reports" / "clean.json").read_text())["kept"]
         steps: dict[str, object] = {}
-        if engine == first_engine:  # train, the loader and DVC do not depend on clean's engine
+        if engine == first_engine and not args.data_only:
             for name, budget in (("train_resident", 8.0), ("train_streamed", 0.0)):
                 steps[name] = timed([*GENLOOP, "train", *settings, "--set", "train.epochs=1", "--set",
                                      f"train.batch_size={args.batch}", "--set", f"train.memory_budget_gb={budget}",
@@ -193,8 +179,46 @@ def main() -> None:
         again["ms_per_unchanged_file"] = round(1000 * again["seconds"] / args.n, 3)
         results[engine] = {"collect": collect, "clean": clean, "clean_again": again, "validate": validate,
                            "kept": kept, **steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10_000, help="images in the synthetic corpus")
+    ap.add_argument("--size", type=int, default=64, help="side of the synthetic images (pixels)")
+    ap.add_argument("--resolution", type=int, default=32, help="data.resolution clean resizes to")
+    ap.add_argument("--engines", default="processes,serial", help="parallel.engine values to time clean with")
+    ap.add_argument("--batch", type=int, default=256, help="train.batch_size of the train steps and the loader")
+    ap.add_argument("--data-only", action="store_true", help="collect, clean and validate only (no train, DVC)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/genloop-scale"))
+    args = ap.parse_args()
+    workers = len(os.sched_getaffinity(0))
+    corpus = args.workdir / f"corpus_{args.n}_{args.size}"
+    if not corpus.exists() or sum(1 for _ in corpus.iterdir()) != args.n:
+        start = time.perf_counter()
+        synthetic_corpus(corpus, args.n, args.size)
+        print(f"corpus: {args.n:,} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    results: dict[str, object] = {"n": args.n, "size": args.size, "resolution": args.resolution, "cores": workers}
+    bare = bare_reference(corpus, args.resolution, workers)
+    results["bare_reference"] = {"seconds": round(bare, 2), "img_per_s": round(args.n / bare, 1)}
+    settings = ["--set", "collect.dvc_add=false", "--set", f"collect.sources=['{corpus}']",
+                "--set", f"data.resolution={args.resolution}", "--set", "data.mode=RGB"]
+    services: dict[str, str] = {}
+    if "dask" in args.engines.split(",") and not os.environ.get("PREFECT_API_URL"):
+        # the engine reports its tasks to a Prefect server, as a deployment on a cluster does; without
+        # one, each run would start Prefect's temporary server first (13 s here, timed apart)
+        from genloop.orchestrate import local_services
+
+        start = time.perf_counter()
+        home = args.workdir / "services"
+        services = local_services.up(home, args.workdir)["env"]
+        results["prefect_services_up_s"] = round(time.perf_counter() - start, 1)
+    try:
+        run_engines(args, corpus, bare, settings, services, results)
+    finally:
+        if services:
+            local_services.down(home)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"scale_{args.n}.json"
+    out = RESULTS / f"scale_{args.n}{'_' + args.engines.replace(',', '_') if args.data_only else ''}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{args.n:,} RGB {args.size}-px PNGs -> {args.resolution} px, {workers} cores "
           f"(bare reference: {results['bare_reference']['img_per_s']:,} img/s)")

@@ -66,3 +66,15 @@ def test_stop_ends_the_map_early_and_returns_only_finished_chunks_in_order(engin
     assert len(out) < len(chunks)  # the rest was cancelled
     assert all(r in [square_all(c) for c in chunks] for r in out)
     assert out == sorted(out)  # chunk order
+
+
+def test_dask_chunks_grow_to_about_four_per_worker_within_sixteen_times_the_setting() -> None:
+    from genloop.core.chunk_map import chunk_size
+
+    def size(engine: str, items: int, chunk: int = 512, workers: int = 2) -> int:
+        return chunk_size(ParallelParams(engine=engine, workers=workers, chunk_size=chunk), items)
+
+    assert size("processes", 100_000) == size("serial", 100_000) == 512  # the setting, as it is
+    assert size("dask", 1_200, chunk=20) == 150  # 8 chunks: 4 per worker
+    assert size("dask", 100_000) == 16 * 512  # capped: a chunk's images sit in a worker's memory
+    assert size("dask", 1_000) == 512  # never below the setting

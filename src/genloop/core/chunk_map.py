@@ -36,6 +36,19 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
+# On Dask each chunk is a Prefect task, which costs about 0.45 s of worker time in API calls and
+# scheduling (bench/README.md): chunks grow until each worker runs about this many...
+DASK_TASKS_PER_WORKER = 4
+DASK_MAX_GROWTH = 16  # ...but to at most this many times parallel.chunk_size (a chunk's images sit in memory)
+
+
+def chunk_size(settings: ParallelParams, items: int) -> int:
+    """Items per chunk for `items` items: `parallel.chunk_size`; on Dask larger, so that each
+    worker runs about DASK_TASKS_PER_WORKER chunks, up to DASK_MAX_GROWTH times the setting."""
+    if settings.engine != "dask":
+        return settings.chunk_size
+    per_worker = -(-items // (settings.worker_count() * DASK_TASKS_PER_WORKER))
+    return max(settings.chunk_size, min(per_worker, settings.chunk_size * DASK_MAX_GROWTH))
 
 
 def chunked(items: Sequence[C], size: int) -> list[list[C]]:

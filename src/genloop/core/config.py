@@ -472,7 +472,11 @@ class ParallelParams(_Section):
         None, description="a running Dask scheduler, e.g. tcp://dask-scheduler:8786 (engine dask; null: start a "
                           "local cluster for the run)"
     )
-    chunk_size: int = Field(512, ge=1, description="files per chunk: the unit that is retried when a worker dies")
+    chunk_size: int = Field(
+        512, ge=1,
+        description="files per chunk (and clean shard): the unit that is retried when a worker dies; engine dask "
+                    "makes chunks up to 16x larger, about 4 per worker (a Prefect task costs ~0.45 s)",
+    )
 
     @field_validator("workers")
     @classmethod

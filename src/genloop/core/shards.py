@@ -2,9 +2,10 @@
 
 data/clean holds a few hundred shards instead of one PNG per image, and the manifest names each
 image's `shard` and `offset`. `.npy` was chosen by measured load speed (bench/shard_format.py):
-a shard is read with one `np.load`, memory-mapped, about 25x faster than decoding the same images
-from PNG files or from PNG bytes in Parquet, for a similar size on disk (the PNGs of 32-px images
-barely compress). numpy's own format is used (no pickles: `allow_pickle=False`).
+a shard is read with one `np.load`, memory-mapped, about 100x faster than decoding the same
+images from PNG files or from PNG bytes in Parquet. The price is disk: raw pixels take about 4x
+the bytes of PNG on flat-coloured 32-px images (`bench/README.md`). numpy's own format, without
+pickles (`allow_pickle=False`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from genloop.core.chunk_map import chunk_map, chunked, engine_summary
+from genloop.core.chunk_map import chunk_map, chunk_size, chunked, engine_summary
 from genloop.core.config import Params
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
@@ -93,7 +93,7 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     # absolute paths: a Dask worker runs in a folder of its own
     job = ChunkJob(ws.raw.resolve(), cache.resolve(), mode, cfg.data.resolution, cfg.clean.max_pixels,
                    cfg.clean.min_side, cfg.clean.blank_std, cfg.data.background)
-    chunks = chunked(list(zip(todo["sha256"], todo["file"], strict=True)), cfg.parallel.chunk_size)
+    chunks = chunked(list(zip(todo["sha256"], todo["file"], strict=True)), chunk_size(cfg.parallel, len(todo)))
     rows: list[dict[str, object]] = []
     if chunks:
         cache.mkdir(parents=True, exist_ok=True)
