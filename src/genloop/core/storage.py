@@ -205,28 +205,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` through a temporary file renamed over it. `durable=False` skips the
-    fsync: for many small files whose writer syncs them once as a batch (`sync_files`)."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` durably to `path` through a temporary file renamed over it."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            if durable:
-                os.fsync(f.fileno())
-
-
-def sync_files(paths: list[Path]) -> None:
-    """Make the written `paths` durable, reporting any write error (a full disk) as OSError. The
-    fsyncs come after all the writes: on a journalling filesystem the first one commits the data of
-    the whole batch, and the rest find little left to do (`os.sync` would be one call, but it
-    cannot report an error)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            os.fsync(f.fileno())
 
 
 def write_text_atomic(path: Path, text: str) -> None:

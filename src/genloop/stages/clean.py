@@ -6,8 +6,8 @@ images are dropped with a reason), converted to the corpus mode (transparency co
 (no metadata) in shards: data/clean holds one `.npy` array per chunk of files, the manifest each
 image's shard and offset (`genloop.core.shards`). Exact duplicates (same pixels) and near
 duplicates (perceptual hash within `clean.near_duplicate_distance`) are dropped. Per-file results
-are cached by (raw sha256,
-normalisation params, mode), so a second clean over an unchanged data/raw decodes nothing again.
+are cached by (raw sha256, normalisation params, mode), so a second clean over an unchanged
+data/raw decodes nothing again.
 
 The corpus mode: `data.mode` L or RGB as set, or with `auto` RGB when any image clean keeps has
 colour (`genloop.core.images.has_colour`) and L when every one is grey, decided over the whole
