@@ -8,7 +8,7 @@ every metric, the reference statistics can be cached, and the bootstrap of the p
 gate resamples feature rows instead of re-running the extractor.
 
 KID is computed on features standardised by the real set's per-dimension mean and standard
-deviation (`KID_FEATURES`), so the polynomial kernel (x.y / d + 1)^3 sees unit-scale features
+deviation (floored at a tenth of the median, `KID_FEATURES`), so the polynomial kernel (x.y / d + 1)^3 sees unit-scale features
 whatever the extractor: values are then comparable across extractors and readable (about 0 for
 real images, growing with the difference) instead of thousands on raw activations.
 
@@ -34,7 +34,7 @@ from genloop.eval.realism import knn_radii
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("fid", "kid_mean", "c2st_auc")
-KID_FEATURES = "standardised-by-real"  # part of every cache key holding a KID value
+KID_FEATURES = "standardised-by-real-sd-floor-0.1-median"  # part of every cache key holding a KID value
 
 DESCRIPTIONS = {
     "fid": "Frechet distance between real and generated feature distributions (0 = identical)",
@@ -94,9 +94,15 @@ class FidAgainst:
 
 def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, seed: int, subsets: int = 100) -> tuple[float, float]:
     """KID mean and std over random subsets (torchmetrics), reproducible by `seed`, on features
-    standardised by `real`'s per-dimension mean and sd (a constant dimension keeps sd 1)."""
+    standardised by `real`'s per-dimension mean and sd.
+
+    The sd is floored at a tenth of the median sd of the dimensions that vary: a ReLU unit that
+    fires on one real image in hundreds has a tiny sd, and dividing by it blew a handful of other
+    real images up to KID 797 (against 0.55 for shifted digits) in CI."""
     mean, sd = real.mean(0), real.std(0)
-    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+    live = sd[sd > 1e-8]
+    floor = 0.1 * float(live.median()) if len(live) else 1.0
+    sd = torch.clamp(sd, min=floor)
     real, fake = (real - mean) / sd, (fake - mean) / sd
     size = max(2, min(subset_size, len(real), len(fake)))
     with warnings.catch_warnings():
