@@ -100,6 +100,20 @@ def test_reference_statistics_are_cached_by_data_version_not_by_path(data_ws, tm
     assert not bigger.cached and bigger.key != new_version.key
 
 
+def test_the_domain_extractor_trained_twice_on_one_data_version_is_the_same(data_ws, tmp_path):
+    ws, _, _ = data_ws
+    cfg = load_params(None, [*SETTINGS, "evaluate.extractor=domain", "evaluate.extractor_epochs=1"])
+    holdout = load_split(ws, "holdout").images[:64]
+    features = []
+    for attempt, process_state in (("first", 1), ("second", 2)):  # fresh workspaces: no cached extractor
+        copy_ws = Workspace.at(tmp_path / attempt)
+        shutil.copytree(ws.root, copy_ws.root)
+        shutil.rmtree(copy_ws.judge_cache, ignore_errors=True)
+        torch.manual_seed(process_state)  # as two processes would start: whatever ran before differs
+        features.append(embed(get_extractor(cfg, copy_ws).module, holdout))
+    assert torch.equal(features[0], features[1])
+
+
 def test_memorisation_flags_copied_training_images(data_ws):
     ws, cfg, extractor = data_ws
     ref, train_set = load_reference(cfg, ws, extractor)

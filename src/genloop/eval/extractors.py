@@ -31,6 +31,7 @@ from genloop.core.errors import ConfigError, GenloopError
 from genloop.core.manifest import corpus_mode
 from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
+from genloop.core.seeding import seeded
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.contrastive import nt_xent, view
@@ -234,7 +235,8 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
         f"{cfg.evaluate.extractor_epochs}|{data.classes}|{RECIPE}".encode()
     )[:16]
     path = ws.judge_cache / "extractors" / f"{key}.pt"
-    module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
+    with seeded(cfg.evaluate.seed):  # seeded initial weights: one data version, one extractor
+        module = DomainExtractor(channels, cfg.data.resolution, len(data.classes))
     kind = "domain-classifier" if data.classes else "domain-contrastive"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():

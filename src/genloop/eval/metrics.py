@@ -8,9 +8,10 @@ every metric, the reference statistics can be cached, and the bootstrap of the p
 gate resamples feature rows instead of re-running the extractor.
 
 KID is computed on features standardised by the real set's per-dimension mean and standard
-deviation (floored at a tenth of the median, `KID_FEATURES`), so the polynomial kernel (x.y / d + 1)^3 sees unit-scale features
-whatever the extractor: values are then comparable across extractors and readable (about 0 for
-real images, growing with the difference) instead of thousands on raw activations.
+deviation (floored at a tenth of the median, `KID_FEATURES`), so the polynomial kernel
+(x.y / d + 1)^3 sees unit-scale features whatever the extractor: values are then comparable
+across extractors and readable (about 0 for real images, growing with the difference) instead of
+thousands on raw activations.
 
 C2ST (genloop.eval.c2st) adds a classifier two-sample test: AUC 0.5 = indistinguishable.
 """
@@ -27,6 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from genloop.core.seeding import seeded
 from genloop.eval.c2st import c2st
 from genloop.eval.extractors import nearest
 from genloop.eval.realism import knn_radii
@@ -110,12 +112,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, seed: int, sub
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # KID draws its subsets from torch's global generator
-    try:
+    with seeded(seed):  # KID draws its subsets from torch's global generator
         mean, std = metric.compute()
-    finally:
-        torch.random.set_rng_state(state)
     return float(mean), float(std)
 
 
@@ -125,12 +123,8 @@ def inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=min(splits, len(logits)))
     metric.update(logits)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # torchmetrics shuffles before splitting
-    try:
+    with seeded(0):  # torchmetrics shuffles before splitting
         mean, std = metric.compute()
-    finally:
-        torch.random.set_rng_state(state)
     return float(mean), float(std)
 
 

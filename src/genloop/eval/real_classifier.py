@@ -28,6 +28,7 @@ from genloop.core.dataset import ImageSet, load_split
 from genloop.core.errors import GenloopError
 from genloop.core.progress import Progress
 from genloop.core.provenance import data_version
+from genloop.core.seeding import seeded
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.models import load_torch_file
@@ -130,7 +131,8 @@ def real_classifier(cfg: Params, ws: Workspace) -> RealClassifier | None:
     key = sha256_bytes(f"{data_version(ws)}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{epochs}|"
                        f"{train.classes}|{RECIPE}".encode())[:16]
     path = ws.judge_cache / "classifiers" / f"{key}.pt"
-    module = RealClassifierNet(train.images.shape[1], len(train.classes))
+    with seeded(cfg.evaluate.seed):  # seeded initial weights: one data version, one classifier
+        module = RealClassifierNet(train.images.shape[1], len(train.classes))
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         fix = "Delete it; the next evaluation retrains the classifier."
