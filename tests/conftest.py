@@ -6,6 +6,7 @@ slow fault drills (INTEGRATION_MODULES). `pytest -m "not integration"` then star
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -98,34 +99,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's standalone S3 server as a real process on 127.0.0.1; yields its endpoint URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+@contextlib.contextmanager
+def _serving(cmd: list[str], url: str, probe: str, log: Path, env: dict[str, str],
+             timeout: float) -> Iterator[str]:
+    """A server process on 127.0.0.1, up once `url + probe` answers over HTTP (any status); stopped after."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()}")
             try:
-                with opener.open(url + "/", timeout=2):
+                with opener.open(url + probe, timeout=2):
                     break
             except urllib.error.HTTPError:
                 break  # an HTTP answer of any status: the server is up
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not answer on {url}:\n{log.read_text()}") from None
+                    raise RuntimeError(f"{cmd} did not answer on {url}:\n{log.read_text()}") from None
                 time.sleep(0.1)
         yield url
     finally:
@@ -135,6 +128,36 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's standalone S3 server as a real process on 127.0.0.1; yields its endpoint URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    with _serving([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                  f"http://127.0.0.1:{port}", "/", log, env, timeout=30) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`prefect server start` as a real process on 127.0.0.1 (per xdist worker); yields its API URL.
+
+    For tests that run several loops: each `genloop loop` without PREFECT_API_URL starts (and
+    migrates) Prefect's temporary server, 15-25 s a loop. tests/integration/test_e2e.py and
+    test_loop_console.py keep that path, the one a newcomer takes."""
+    from tests.helpers import BIN
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               NO_PROXY="127.0.0.1,localhost")
+    with _serving([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  f"http://127.0.0.1:{port}", "/api/health", home / "server.log", env, timeout=180) as url:
+        yield url + "/api"
 
 
 @pytest.fixture

@@ -25,12 +25,12 @@ def _failed_loop(genloop_loop: Callable, ws: Path, env: dict[str, str]) -> tuple
     return done.stderr, errors[0], seconds
 
 
-def test_a_wrong_s3_endpoint_fails_collect_clearly_and_leaves_no_dataset_version(tmp_path: Path,
-                                                                                  genloop_loop: Callable):
+def test_a_wrong_s3_endpoint_fails_collect_clearly_and_leaves_no_dataset_version(
+        tmp_path: Path, genloop_loop: Callable, prefect_api: str):
     ws = make_workspace(tmp_path, [*TINY, "collect.sources=[{uri: 's3://images/icons'}]"])
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = cli_env(ws, GENLOOP_S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
-                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", PREFECT_API_URL=prefect_api)
     stderr, error, seconds = _failed_loop(genloop_loop, ws, env)
     assert endpoint in error and "GENLOOP_S3_ENDPOINT_URL" in error and "s3://images/icons" in error
     assert "Retries are exhausted" in stderr  # Prefect retried the collect task, then gave up
@@ -39,10 +39,10 @@ def test_a_wrong_s3_endpoint_fails_collect_clearly_and_leaves_no_dataset_version
     print(f"wrong S3 endpoint: failed after {seconds:.1f} s")
 
 
-def test_a_stopped_mlflow_server_fails_the_loop_clearly(tmp_path: Path, genloop_loop: Callable):
+def test_a_stopped_mlflow_server_fails_the_loop_clearly(tmp_path: Path, genloop_loop: Callable, prefect_api: str):
     ws = make_workspace(tmp_path)
     tracking = f"http://127.0.0.1:{free_port()}"  # a server that is not running
-    env = cli_env(ws, MLFLOW_TRACKING_URI=tracking, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
+    env = cli_env(ws, MLFLOW_TRACKING_URI=tracking, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", PREFECT_API_URL=prefect_api)
     _, error, seconds = _failed_loop(genloop_loop, ws, env)
     assert tracking in error and "MLFLOW_TRACKING_URI" in error
     assert not (ws / "models" / "generator.pt").exists()

@@ -315,7 +315,7 @@ def test_tampered_prefect_cache_records_are_never_read_back(prepared: tuple, tmp
 
 
 def test_a_real_loop_runs_a_stage_again_instead_of_reading_its_tampered_cache_record(
-        tmp_path: Path, genloop_loop: Callable) -> None:
+        tmp_path: Path, genloop_loop: Callable, prefect_api: str) -> None:
     """The same guard through `genloop loop` (a real Prefect flow): between two loops over unchanged
     data and params, clean's cache record is made to name the pickle serializer (its result a
     pickle that runs a shell command) and validate's to decode its JSON with subprocess.run. The
@@ -325,7 +325,7 @@ def test_a_real_loop_runs_a_stage_again_instead_of_reading_its_tampered_cache_re
 
     (tmp_path / "ws").mkdir()
     ws = Workspace.at(make_workspace(tmp_path / "ws"))
-    env = cli_env(ws.root)
+    env = cli_env(ws.root, PREFECT_API_URL=prefect_api)
     first = genloop_loop(ws.root, env)
     assert "skipped:    nothing" in first.stdout
     cfg = load_params(ws.root / "params.yaml")

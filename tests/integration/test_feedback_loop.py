@@ -220,10 +220,11 @@ def _json(path: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_the_loop_twice_with_feedback_in_between(tmp_path: Path, mlflow_server: str) -> None:  # noqa: F811
+def test_the_loop_twice_with_feedback_in_between(tmp_path: Path, mlflow_server: str,  # noqa: F811
+                                                 prefect_api: str) -> None:
     ws_root = make_workspace(tmp_path, LOOP)
     ws = Workspace.at(ws_root)
-    env = cli_env(ws_root, MLFLOW_TRACKING_URI=mlflow_server)
+    env = cli_env(ws_root, MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_api)
     started = time.monotonic()
     run_cli([str(BIN / "genloop"), "loop"], ws_root, env)
     first_loop = time.monotonic() - started
