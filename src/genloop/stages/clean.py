@@ -93,7 +93,12 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     # absolute paths: a Dask worker runs in a folder of its own
     job = ChunkJob(ws.raw.resolve(), cache.resolve(), mode, cfg.data.resolution, cfg.clean.max_pixels,
                    cfg.clean.min_side, cfg.clean.blank_std, cfg.data.background)
-    chunks = chunked(list(zip(todo["sha256"], todo["file"], strict=True)), chunk_size(cfg.parallel, len(todo)))
+    files = list(zip(todo["sha256"], todo["file"], strict=True))
+    # the colour probe stops at the first chunk holding colour: with Dask's grown chunks (8,192
+    # files) it would decode two of them in grey first, so its first round keeps parallel.chunk_size
+    head = cfg.parallel.worker_count() * cfg.parallel.chunk_size if until_colour else 0
+    chunks = chunked(files[:head], cfg.parallel.chunk_size) + chunked(
+        files[head:], chunk_size(cfg.parallel, len(files) - head))
     rows: list[dict[str, object]] = []
     if chunks:
         cache.mkdir(parents=True, exist_ok=True)
