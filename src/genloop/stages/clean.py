@@ -72,6 +72,16 @@ CACHE_COLUMNS = {
 def _arrow_strings(columns: dict[str, str]) -> dict[str, str]:
     """A table schema with its "string" columns held as Arrow strings."""
     return {c: ARROW_STRING if t == "string" else t for c, t in columns.items()}
+
+
+def _isin(values: pd.Series, among: pd.Series) -> pd.Series:
+    """`values.isin(among)` for Arrow string columns through pyarrow's own kernel: pandas' isin on
+    them took 14.4 s at 1M rows, `pyarrow.compute.is_in` 1.1 s."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found = pc.is_in(pa.array(values, pa.string()), value_set=pa.array(among, pa.string()))
+    return pd.Series(found.to_numpy(zero_copy_only=False), index=values.index, dtype=bool)
 CACHE_VERSION = 2  # 2: images in shards, perceptual hashes from genloop.core.images.perceptual_hash
 
 
@@ -98,8 +108,7 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     cache index and #new. The cache index is written once, after every chunk has come back."""
     cache = _cache_dir(cfg, ws, mode)
     index = _load_cache(cache)
-    done = set(index["raw_sha256"])
-    todo = ledger[~ledger["sha256"].isin(done)]
+    todo = ledger[~_isin(ledger["sha256"], index["raw_sha256"])]
     # absolute paths: a Dask worker runs in a folder of its own
     job = ChunkJob(ws.raw.resolve(), cache.resolve(), mode, cfg.data.resolution, cfg.clean.max_pixels,
                    cfg.clean.min_side, cfg.clean.blank_std, cfg.data.background)
@@ -135,7 +144,7 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
 
 def _kept_colour(index: pd.DataFrame, ledger: pd.DataFrame) -> tuple[int, int]:
     """(ledger files in `index` kept by the per-file checks that have colour, all of them kept)."""
-    rows = index[index["raw_sha256"].isin(ledger["sha256"]) & index["reason"].isna()]
+    rows = index[_isin(index["raw_sha256"], ledger["sha256"]) & index["reason"].isna()]
     return int(rows["colour"].fillna(False).sum()), len(rows)
 
 
@@ -247,14 +256,20 @@ def _publish(cache: Path, rows: pd.DataFrame, folder: Path) -> None:
 def _report(ledger: pd.DataFrame, kept: pd.DataFrame, rejected: pd.DataFrame, dup_drops: list[dict[str, str]],
             negatives: int, processed: int) -> dict[str, Any]:
     """reports/clean.json: counts, every dropped file with its reason, and the notes on kept files."""
-    by_sha = ledger.set_index("sha256")
+    noted = kept[kept["note"].notna()]
+    named = set(rejected["sha256"].tolist()) | {d["raw_sha256"] for d in dup_drops} | set(noted["raw_sha256"].tolist())
+    mine = ledger[_isin(ledger["sha256"], pd.Series(sorted(named), dtype=ARROW_STRING))]
+    # plain dicts of the few files named: a lookup per file in the Arrow-string frame took 8.6 s at 1M
+    file_of = dict(zip(mine["sha256"].tolist(), mine["file"].tolist(), strict=True))
+    original_of = dict(zip(mine["sha256"].tolist(), mine["original"].tolist(), strict=True))
+    source_of = dict(zip(mine["sha256"].tolist(), mine["source"].tolist(), strict=True))
     dropped = [
         {"raw_sha256": s, "reason": r} for s, r in zip(rejected["sha256"], rejected["reason"], strict=True)
     ] + dup_drops
     for d in dropped:
-        d["file"] = f"data/raw/{by_sha.at[d['raw_sha256'], 'file']}"
-        d["original"] = str(by_sha.at[d["raw_sha256"], "original"])
-        d["source"] = str(by_sha.at[d["raw_sha256"], "source"])
+        d["file"] = f"data/raw/{file_of[d['raw_sha256']]}"
+        d["original"] = str(original_of[d["raw_sha256"]])
+        d["source"] = str(source_of[d["raw_sha256"]])
     reasons: dict[str, int] = {}
     for d in dropped:
         kind = d["reason"].split(":")[0].split(" (")[0].split(" of ")[0]
@@ -270,10 +285,10 @@ def _report(ledger: pd.DataFrame, kept: pd.DataFrame, rejected: pd.DataFrame, du
         "splits": kept["split"].value_counts().to_dict(),
         "dropped_files": sorted(dropped, key=lambda d: d["file"]),
         # kept images read with a choice made (an animation: only its first frame is used)
-        "notes": sorted(({"raw_sha256": s, "id": i, "file": f"data/raw/{by_sha.at[s, 'file']}",
-                          "original": str(by_sha.at[s, "original"]), "note": n}
-                         for s, i, n in zip(kept["raw_sha256"], kept["id"], kept["note"], strict=True)
-                         if isinstance(n, str)), key=lambda d: d["file"]),
+        "notes": sorted(({"raw_sha256": s, "id": i, "file": f"data/raw/{file_of[s]}",
+                          "original": str(original_of[s]), "note": n}
+                         for s, i, n in zip(noted["raw_sha256"].tolist(), noted["id"].tolist(),
+                                            noted["note"].tolist(), strict=True)), key=lambda d: d["file"]),
     }
 
 
@@ -298,7 +313,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
         mode=mode,
         # generated images (source feedback:) always train: the holdout is evaluation's *real* reference
         split=[("train" if src == FEEDBACK_SOURCE else _split(s, cfg.data.holdout_fraction))
-               for s, src in zip(kept["raw_sha256"], kept["source"], strict=True)],
+               for s, src in zip(kept["raw_sha256"].tolist(), kept["source"].tolist(), strict=True)],
     )
     kept["sha256"] = kept["clean_sha256"]
     kept["width"] = cfg.data.resolution
