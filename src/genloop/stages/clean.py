@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # Clean holds a row per raw file several times over (ledger, cache index, their merge, the
 # manifest): its text columns are Arrow strings, about half the memory of Python str objects
 # (clean again at 1M files: the ledger alone took 0.68 GB as Python strings). The same values and
-# the same parquet files; pandas' "string" dtype either way.
+# parquet schema; pandas' "string" dtype either way (only the file's pandas metadata names the storage).
 ARROW_STRING = "string[pyarrow]"
 CACHE_COLUMNS = {
     "raw_sha256": ARROW_STRING,
@@ -82,6 +82,8 @@ def _isin(values: pd.Series, among: pd.Series) -> pd.Series:
 
     found = pc.is_in(pa.array(values, pa.string()), value_set=pa.array(among, pa.string()))
     return pd.Series(found.to_numpy(zero_copy_only=False), index=values.index, dtype=bool)
+
+
 CACHE_VERSION = 2  # 2: images in shards, perceptual hashes from genloop.core.images.perceptual_hash
 
 
