@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from genloop.core.chunk_map import chunk_map, chunk_size, chunked, engine_summary
 from genloop.core.config import Params
@@ -44,7 +46,7 @@ from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATI
 from genloop.core.progress import Progress
 from genloop.core.storage import atomic_outputs, restore_interrupted_swap
 from genloop.core.workspace import Workspace
-from genloop.stages.clean_chunk import SHARDS, ChunkJob, clean_chunk
+from genloop.stages.clean_chunk import CACHE_SCHEMA, SHARDS, ChunkJob, clean_chunk
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +55,9 @@ log = logging.getLogger(__name__)
 # (clean again at 1M files: the ledger alone took 0.68 GB as Python strings). The same values and
 # parquet schema; pandas' "string" dtype either way (only the file's pandas metadata names the storage).
 ARROW_STRING = "string[pyarrow]"
-CACHE_COLUMNS = {
-    "raw_sha256": ARROW_STRING,
-    "reason": ARROW_STRING,  # <NA> when kept
-    "pixel_hash": ARROW_STRING,
-    "phash": ARROW_STRING,
-    "width": "Int64",
-    "height": "Int64",
-    "original_mode": ARROW_STRING,
-    "colour": "boolean",  # <NA> when dropped
-    "note": ARROW_STRING,  # <NA> unless reading it needed a choice (an animation: its first frame)
-    "clean_sha256": ARROW_STRING,  # of the image's bytes in its shard: the manifest's sha256
-    "shard": ARROW_STRING,  # the file in <cache>/shards (and data/clean) holding the image; <NA> when dropped
-    "offset": "Int64",  # the image's index in its shard
-}
+_PANDAS_TYPES = {pa.string(): pd.StringDtype("pyarrow"), pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+# the cache index as a table: the chunks' Arrow columns (CACHE_SCHEMA) with their pandas dtypes
+CACHE_COLUMNS = {f.name: _PANDAS_TYPES[f.type] for f in CACHE_SCHEMA}
 
 
 def _arrow_strings(columns: dict[str, str]) -> dict[str, str]:
@@ -77,9 +68,6 @@ def _arrow_strings(columns: dict[str, str]) -> dict[str, str]:
 def _isin(values: pd.Series, among: pd.Series) -> pd.Series:
     """`values.isin(among)` for Arrow string columns through pyarrow's own kernel: pandas' isin on
     them took 14.4 s at 1M rows, `pyarrow.compute.is_in` 1.1 s."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     found = pc.is_in(pa.array(values, pa.string()), value_set=pa.array(among, pa.string()))
     return pd.Series(found.to_numpy(zero_copy_only=False), index=values.index, dtype=bool)
 
@@ -120,7 +108,6 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     head = cfg.parallel.worker_count() * cfg.parallel.chunk_size if until_colour else 0
     chunks = chunked(files[:head], cfg.parallel.chunk_size) + chunked(
         files[head:], chunk_size(cfg.parallel, len(files) - head))
-    rows: list[dict[str, object]] = []
     if chunks:
         cache.mkdir(parents=True, exist_ok=True)
         log.info("clean: %d files to decode in %d chunks (%s)", len(todo), len(chunks),
@@ -128,20 +115,22 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     with Progress(f"clean ({mode})", len(todo), "files") as bar:
         dropped = 0
 
-        def advance(chunk_rows: list[dict[str, object]]) -> None:
+        def advance(batch: pa.RecordBatch) -> None:
             nonlocal dropped
-            dropped += sum(1 for r in chunk_rows if "reason" in r)
-            bar.advance(len(chunk_rows), dropped=dropped)
+            dropped += batch.num_rows - batch.column("reason").null_count  # a reason: dropped
+            bar.advance(batch.num_rows, dropped=dropped)
 
-        stop = (lambda chunk_rows: any(r.get("colour") for r in chunk_rows)) if until_colour else None
-        for chunk_rows in chunk_map(partial(clean_chunk, job), chunks, cfg.parallel, advance, stop):
-            rows.extend(chunk_rows)
-    if rows:
-        new = pd.DataFrame(rows).reindex(columns=list(CACHE_COLUMNS)).astype(CACHE_COLUMNS)
+        stop = (lambda batch: bool(pc.any(batch.column("colour")).as_py())) if until_colour else None
+        batches = chunk_map(partial(clean_chunk, job), chunks, cfg.parallel, advance, stop)
+    new_rows = sum(b.num_rows for b in batches)
+    if new_rows:
+        # straight from Arrow to the index's dtypes: no Python object per value on the way
+        new = pa.Table.from_batches(batches, CACHE_SCHEMA).to_pandas(types_mapper=_PANDAS_TYPES.get)
+        del batches
         # an empty index is left out: pandas warns about concatenating empty or all-NA frames
         index = pd.concat([index, new], ignore_index=True) if len(index) else new
         write_table_any(index, cache / "index.parquet")
-    return index, len(rows)
+    return index, new_rows
 
 
 def _kept_colour(index: pd.DataFrame, ledger: pd.DataFrame) -> tuple[int, int]:
