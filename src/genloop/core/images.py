@@ -68,8 +68,11 @@ def has_colour(img: Image.Image, side: int = 64) -> bool:
         return False
     factor = max(1, min(img.size) // side)
     arr = np.asarray(img.reduce(factor) if factor > 1 else img)
-    coloured = (arr.max(axis=2) - arr.min(axis=2)) > COLOUR_TOLERANCE  # uint8: max >= min, no wrap
-    return float(coloured.mean()) > COLOUR_SHARE
+    # the channels' spread as elementwise max/min of the three planes: numpy's reductions along the
+    # short last axis took 0.1 ms of a 64-px image, 15 % of clean's work per image; this 0.04 ms
+    r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8: max >= min, no wrap
+    return bool(np.count_nonzero(spread > COLOUR_TOLERANCE) > COLOUR_SHARE * spread.size)
 
 
 def may_have_colour(img: Image.Image) -> bool:
@@ -80,6 +83,11 @@ def may_have_colour(img: Image.Image) -> bool:
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Fully decode `data`, or raise RejectedImage with the reason."""
     return decode_frames(data, max_pixels)[0]
+
+
+# formats whose EXIF block, orientation included, Pillow puts in `info["exif"]` once loaded (TIFF
+# keeps it in its tags instead, so it is always passed to exif_transpose)
+EXIF_IN_INFO = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP"})
 
 
 def decode_frames(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
@@ -100,6 +108,8 @@ def decode_frames(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
             if frames > 1:
                 img.seek(0)  # animated images (GIF, APNG, WebP, multi-page TIFF): the first frame is used
             img.load()
+            if img.format in EXIF_IN_INFO and "exif" not in img.info:
+                return img, frames  # no EXIF, no orientation: exif_transpose's own check costs 0.03 ms
             return ImageOps.exif_transpose(img), frames
     except RejectedImage:
         raise
@@ -127,8 +137,10 @@ def perceptual_hash(img: Image.Image) -> str:
     if grey.size != (PHASH_SIDE, PHASH_SIDE):
         grey = grey.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS)
     # rounded: where the FFT's DCT gives exact zeros (a flat image) the product leaves 1e-13 noise
-    low = np.round(_DCT @ np.asarray(grey, dtype=np.float64) @ _DCT.T, 4)
-    return np.packbits((low > np.median(low)).ravel()).tobytes().hex()
+    low = np.round(_DCT @ np.asarray(grey, dtype=np.float64) @ _DCT.T, 4).ravel()
+    ordered = np.sort(low)  # np.median's own value, without its 0.04 ms of dispatch on 64 numbers
+    median = (ordered[low.size // 2 - 1] + ordered[low.size // 2]) / 2
+    return np.packbits(low > median).tobytes().hex()
 
 
 def _std(pixels: np.ndarray) -> float:
