@@ -40,6 +40,29 @@ MANIFEST_COLUMNS = {
 }
 
 
+# A table with a row per image can hold its text columns as Arrow strings: about half the memory of
+# Python str objects (clean at 1M files: the ledger alone took 0.68 GB as Python strings). The same
+# values and parquet schema; pandas' "string" dtype either way (only the file's pandas metadata
+# names the storage).
+ARROW_STRING = "string[pyarrow]"
+
+
+def arrow_strings(columns: dict[str, str]) -> dict[str, str]:
+    """A table schema with its "string" columns held as Arrow strings."""
+    return {c: ARROW_STRING if t == "string" else t for c, t in columns.items()}
+
+
+def read_arrow(path: Path) -> pd.DataFrame:
+    """A parquet file with its text columns straight into Arrow strings, with no Python object per
+    value on the way (pandas' own reader makes Python strings first when the file's metadata
+    says "string")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    as_pandas = {pa.string(): pd.StringDtype("pyarrow"), pa.large_string(): pd.StringDtype("pyarrow")}
+    return pq.read_table(path).to_pandas(types_mapper=as_pandas.get)
+
+
 def empty(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
@@ -57,15 +80,22 @@ def write_table(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
         conform(df, columns).to_parquet(tmp, index=False)
 
 
-def read_table(path: Path, columns: dict[str, str], what: str, made_by: str) -> pd.DataFrame:
+def read_table(path: Path, columns: dict[str, str], what: str, made_by: str, arrow: bool = False) -> pd.DataFrame:
+    """The table at `path` in the schema `columns` (with `arrow`, its text as Arrow strings)."""
     if not path.exists():
         raise StageInputMissing(f"{what} {path} not found: run `genloop {made_by}` first")
+    if arrow:
+        return conform(read_arrow(path), arrow_strings(columns))
     return conform(pd.read_parquet(path), columns)
 
 
-def read_ledger(path: Path) -> pd.DataFrame:
-    """The ledger; rows of ledgers written before `role` existed are training rows."""
-    ledger = read_table(path, LEDGER_COLUMNS, "ledger", "collect") if path.exists() else empty(LEDGER_COLUMNS)
+def read_ledger(path: Path, arrow: bool = False) -> pd.DataFrame:
+    """The ledger (with `arrow`, its text as Arrow strings); rows of ledgers written before `role`
+    existed are training rows."""
+    if path.exists():
+        ledger = read_table(path, LEDGER_COLUMNS, "ledger", "collect", arrow)
+    else:
+        ledger = empty(arrow_strings(LEDGER_COLUMNS) if arrow else LEDGER_COLUMNS)
     ledger["role"] = ledger["role"].fillna(ROLE_TRAIN)
     return ledger
 

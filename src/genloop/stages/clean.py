@@ -42,7 +42,16 @@ import pyarrow.compute as pc
 from genloop.core.chunk_map import chunk_map, chunk_size, chunked, engine_summary
 from genloop.core.config import Params
 from genloop.core.errors import StageInputMissing
-from genloop.core.manifest import FEEDBACK_SOURCE, MANIFEST_COLUMNS, ROLE_NEGATIVE, conform, read_ledger
+from genloop.core.manifest import (
+    ARROW_STRING,
+    FEEDBACK_SOURCE,
+    MANIFEST_COLUMNS,
+    ROLE_NEGATIVE,
+    arrow_strings,
+    conform,
+    read_arrow,
+    read_ledger,
+)
 from genloop.core.progress import Progress
 from genloop.core.storage import atomic_outputs, restore_interrupted_swap
 from genloop.core.workspace import Workspace
@@ -50,19 +59,9 @@ from genloop.stages.clean_chunk import CACHE_SCHEMA, SHARDS, ChunkJob, clean_chu
 
 log = logging.getLogger(__name__)
 
-# Clean holds a row per raw file several times over (ledger, cache index, their merge, the
-# manifest): its text columns are Arrow strings, about half the memory of Python str objects
-# (clean again at 1M files: the ledger alone took 0.68 GB as Python strings). The same values and
-# parquet schema; pandas' "string" dtype either way (only the file's pandas metadata names the storage).
-ARROW_STRING = "string[pyarrow]"
 _PANDAS_TYPES = {pa.string(): pd.StringDtype("pyarrow"), pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
 # the cache index as a table: the chunks' Arrow columns (CACHE_SCHEMA) with their pandas dtypes
 CACHE_COLUMNS = {f.name: _PANDAS_TYPES[f.type] for f in CACHE_SCHEMA}
-
-
-def _arrow_strings(columns: dict[str, str]) -> dict[str, str]:
-    """A table schema with its "string" columns held as Arrow strings."""
-    return {c: ARROW_STRING if t == "string" else t for c, t in columns.items()}
 
 
 def _isin(values: pd.Series, among: pd.Series) -> pd.Series:
@@ -82,10 +81,14 @@ def _cache_dir(cfg: Params, ws: Workspace, mode: str) -> Path:
     return ws.cache / "clean" / f"{key}-v{CACHE_VERSION}"
 
 
+# the cache index's columns clean's manifest and report use
+RESULT_COLUMNS = ["raw_sha256", "reason", "pixel_hash", "phash", "note", "clean_sha256", "shard", "offset"]
+
+
 def _load_cache(cache: Path) -> pd.DataFrame:
     index = cache / "index.parquet"
     if index.exists():
-        table = pd.read_parquet(index)
+        table = read_arrow(index)
         if set(CACHE_COLUMNS) <= set(table.columns):  # an index from before a column was added: redo
             return table[list(CACHE_COLUMNS)].astype(CACHE_COLUMNS)
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
@@ -98,11 +101,12 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
     cache index and #new. The cache index is written once, after every chunk has come back."""
     cache = _cache_dir(cfg, ws, mode)
     index = _load_cache(cache)
-    todo = ledger[~_isin(ledger["sha256"], index["raw_sha256"])]
+    todo = ledger.loc[~_isin(ledger["sha256"], index["raw_sha256"]), ["sha256", "file"]]
     # absolute paths: a Dask worker runs in a folder of its own
     job = ChunkJob(ws.raw.resolve(), cache.resolve(), mode, cfg.data.resolution, cfg.clean.max_pixels,
                    cfg.clean.min_side, cfg.clean.blank_std, cfg.data.background)
     files = list(zip(todo["sha256"], todo["file"], strict=True))
+    del todo
     # the colour probe stops at the first chunk holding colour: with Dask's grown chunks (8,192
     # files) it would decode two of them in grey first, so its first round keeps parallel.chunk_size
     head = cfg.parallel.worker_count() * cfg.parallel.chunk_size if until_colour else 0
@@ -110,9 +114,9 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
         files[head:], chunk_size(cfg.parallel, len(files) - head))
     if chunks:
         cache.mkdir(parents=True, exist_ok=True)
-        log.info("clean: %d files to decode in %d chunks (%s)", len(todo), len(chunks),
+        log.info("clean: %d files to decode in %d chunks (%s)", len(files), len(chunks),
                  engine_summary(cfg.parallel))
-    with Progress(f"clean ({mode})", len(todo), "files") as bar:
+    with Progress(f"clean ({mode})", len(files), "files") as bar:
         dropped = 0
 
         def advance(batch: pa.RecordBatch) -> None:
@@ -288,16 +292,21 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     if not ws.ledger.exists():
         raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first")
     restore_interrupted_swap(ws.clean)  # a run killed mid-swap where renames cannot exchange: put it back now
-    ledger = read_ledger(ws.ledger)
-    ledger = ledger.astype(_arrow_strings(ledger.dtypes.astype(str).to_dict()))
+    ledger = read_ledger(ws.ledger, arrow=True)
     negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
     ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
     mode, index, processed = _clean_files(cfg, ws, ledger)
     cache = _cache_dir(cfg, ws, mode)
-    results = ledger.merge(index, left_on="sha256", right_on="raw_sha256", how="left")
-    rejected = results[results["reason"].notna()]
-    kept, dup_drops = _dedupe(results[results["reason"].isna()].reset_index(drop=True),
-                              cfg.clean.near_duplicate_distance)
+    mode_report = _mode_report(cfg, mode, index, ledger)
+    # one row per file with what the manifest and the report need, and nothing else: at 1M files
+    # every table here is a few hundred MB, so each is dropped as soon as the next is made
+    results = ledger[["sha256", "source", "label"]].merge(index[RESULT_COLUMNS], left_on="sha256",
+                                                          right_on="raw_sha256", how="left")
+    del index
+    rejected = results.loc[results["reason"].notna(), ["sha256", "reason"]]
+    kept = results[results["reason"].isna()].reset_index(drop=True)
+    del results
+    kept, dup_drops = _dedupe(kept, cfg.clean.near_duplicate_distance)
 
     kept = kept.assign(
         id=kept["raw_sha256"].str.slice(0, 16),
@@ -310,11 +319,11 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     kept["width"] = cfg.data.resolution
     kept["height"] = cfg.data.resolution
 
-    report = _mode_report(cfg, mode, index, ledger) | _report(ledger, kept, rejected, dup_drops, negatives, processed)
+    report = mode_report | _report(ledger, kept, rejected, dup_drops, negatives, processed)
     dropped = report["dropped_files"]
     with atomic_outputs() as out:  # data/clean, the manifest and the report: all three or none
         _publish(cache, kept, out.folder(ws.clean))
-        conform(kept, _arrow_strings(MANIFEST_COLUMNS)).to_parquet(out.file(ws.manifest), index=False)
+        conform(kept, arrow_strings(MANIFEST_COLUMNS)).to_parquet(out.file(ws.manifest), index=False)
         out.write_json(ws.report("clean"), report)
     log.info("clean: mode %s, %s; transparency composited on %s", mode, report["mode_reason"], cfg.data.background)
     log.info("clean: kept %d of %d (%d dropped, %d decoded, %d reused)",
