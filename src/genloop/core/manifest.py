@@ -100,8 +100,9 @@ def read_ledger(path: Path, arrow: bool = False) -> pd.DataFrame:
     return ledger
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    return read_table(path, MANIFEST_COLUMNS, "manifest", "clean")
+def read_manifest(path: Path, arrow: bool = False) -> pd.DataFrame:
+    """The manifest (with `arrow`, its text as Arrow strings)."""
+    return read_table(path, MANIFEST_COLUMNS, "manifest", "clean", arrow)
 
 
 def corpus_mode(path: Path) -> str:

@@ -208,7 +208,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     Raises StageInputMissing without a manifest and ValidationFailed (after writing the
     report) when any expectation fails.
     """
-    manifest = read_manifest(ws.manifest)
+    manifest = read_manifest(ws.manifest, arrow=True)  # a row per image: its text as Arrow strings
     df, class_counts = _with_class_ratio(manifest)
     ctx = _context(ws)
     checkpoint = _checkpoint(ctx, build_expectations(cfg, labelled=bool(class_counts)))
