@@ -407,8 +407,7 @@ def test_compose_urls_name_services_of_the_file_and_their_ports(compose):
     workers = [(w, var) for w in WORKERS for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                                                        "GENLOOP_S3_ENDPOINT_URL")]
     assert sorted(checked) == sorted([("mlflow", "MLFLOW_BACKEND_STORE_URI"), ("mlflow", "MLFLOW_S3_ENDPOINT_URL"),
-                                      ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL"), *workers,
-                                      ("dask-worker", "PREFECT_API_URL")])
+                                      ("prefect-server", "PREFECT_API_DATABASE_CONNECTION_URL"), *workers])
 
 
 def test_no_secret_is_written_in_the_compose_file():

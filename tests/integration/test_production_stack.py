@@ -148,7 +148,7 @@ def stack(tmp_path: Path, postgres: str, moto_server: str) -> Iterator[dict[str,
         dask_address = f"tcp://127.0.0.1:{ports['dask']}"
         procs.append(_start([str(BIN / "dask"), "worker", dask_address, "--nworkers", "2", "--nthreads", "1",
                              "--dashboard-address", "127.0.0.1:0", "--host", "127.0.0.1"], logs / "dask-worker.log",
-                            {**base, "PREFECT_API_URL": prefect_api}, ws))
+                            base, ws))  # as infra/ runs them: no Prefect settings, the chunks are plain Dask tasks
         worker_env = {**base, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url,
                       "MLFLOW_REGISTRY_URI": mlflow_url, "GENLOOP_S3_ENDPOINT_URL": moto_server,
                       "GENLOOP_DVC_REMOTE": "s3://genloop-data/dvc"}
@@ -178,9 +178,14 @@ def test_a_loop_deployment_completes_on_postgres_backed_servers_with_clean_on_da
     flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout).group(1)
     api = httpx.Client(base_url=stack["prefect_api"], trust_env=False, timeout=30)
     assert api.get(f"/flow_runs/{flow_run_id}").json()["state"]["type"] == "COMPLETED"
-    # clean's chunks ran as task runs on the Dask workers: 400 digits in chunks of 50
-    chunks = api.post("/task_runs/filter", json={"task_runs": {"name": {"like_": "chunk"}}}).json()
-    assert len(chunks) >= 8 and all(t["state"]["type"] == "COMPLETED" for t in chunks)
+    # clean's chunks ran on the Dask workers in a genloop-chunks flow run, which logged each one:
+    # 400 digits in chunks of 50
+    runs = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["genloop-chunks"]}}}).json()
+    assert runs and all(r["state"]["type"] == "COMPLETED" for r in runs)
+    logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [r["id"] for r in runs]}}}).json()
+    pattern = re.compile(r"chunk (\d+) of \d+ done on the Dask cluster at " + re.escape(stack["dask"]))
+    logged = {m.group(1) for m in (pattern.search(log["message"]) for log in logs) if m}
+    assert len(logged) >= 8
     assert (ws / "data" / "manifest.parquet").exists()
     # the registry lives in PostgreSQL: the model version is read back through the MLflow server
     mlflow = httpx.Client(base_url=stack["mlflow"], trust_env=False, timeout=30)

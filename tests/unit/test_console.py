@@ -58,11 +58,13 @@ def test_other_lines_are_left_as_they_are():
     ("mlflow.store.db.utils", "Creating initial MLflow database tables...", logging.INFO, False),
     ("optuna.storages._journal", "A new study created in Journal with name: genloop", logging.INFO, False),
     ("great_expectations.data_context", "some set-up", logging.INFO, False),
+    # one line per Dask chunk: in the flow run's Prefect logs, on the console only with --verbose
+    ("genloop.core.chunk_map", "chunk 3 of 14 done on the Dask cluster at tcp://h:8786", logging.INFO, False),
     ("py.warnings", "UserWarning: something to fix", logging.WARNING, True),
     ("mlflow.tracking", "something failed", logging.WARNING, True),
 ])
 def test_third_party_info_lines_show_only_with_verbose(name, msg, level, default):
-    record = _record(name, msg, level)
+    record = _record(name, msg, level, **(logs.NOT_ON_CONSOLE if name == "genloop.core.chunk_map" else {}))
     assert logs.ConsoleFilter(verbose=False).filter(record) is default
     assert logs.ConsoleFilter(verbose=True).filter(record) is True
 

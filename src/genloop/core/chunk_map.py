@@ -4,9 +4,10 @@
 - `processes`: a pool of one process per core on this machine (spawned, so a parent that has
   loaded torch or started threads is never forked). A pool whose worker dies is replaced once and
   the chunks that had not come back run again.
-- `dask`: every chunk is a Prefect task run by Prefect's `DaskTaskRunner`, on the scheduler at
-  `parallel.address` or on a `LocalCluster` of `parallel.workers` processes on 127.0.0.1 started
-  for the call. Dask reruns the chunks of a worker that dies on another worker.
+- `dask`: a Prefect flow run (`genloop-chunks`) whose `DaskTaskRunner` holds the scheduler at
+  `parallel.address` or a `LocalCluster` of `parallel.workers` processes on 127.0.0.1 started for
+  the call; every chunk is a Dask task submitted through the runner's client, and logged in the
+  flow run when it is done. Dask reruns the chunks of a worker that dies on another worker.
 
 The chunk function is the same for all three and for every entry point (the CLI, `dvc repro`,
 the Prefect flow): it must be a picklable module-level function (or a `functools.partial` of
@@ -27,18 +28,21 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Any, TypeVar
 
 from genloop.core.config import ParallelParams
 from genloop.core.errors import GenloopError
+from genloop.core.logs import NOT_ON_CONSOLE
 
 C = TypeVar("C")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
-# On Dask each chunk is a Prefect task, which costs about 0.45 s of worker time in API calls and
-# scheduling (bench/README.md): chunks grow until each worker runs about this many...
+# On Dask chunks grow until each worker runs about this many (sized when each chunk was a Prefect
+# task costing about 0.45 s of worker time; now a plain Dask task, whose own cost is not measured
+# apart: bench/README.md has the engine's whole ratio with these sizes)...
 DASK_TASKS_PER_WORKER = 4
 DASK_MAX_GROWTH = 16  # ...but to at most this many times parallel.chunk_size (a chunk's images sit in memory)
 
@@ -116,11 +120,9 @@ def _processes(fn: Callable[[C], R], chunks: Sequence[C], workers: int, report: 
 
 
 class _Boxed:
-    """A chunk as one opaque object for a Prefect task: Prefect walks every item of a list parameter
-    looking for futures to resolve, 1.4 s per chunk of 8,192 files (bench/README.md). Its own
-    `quote`/`opaque` would say the same, but they come back from a Dask worker wrapped twice (they
-    pickle as tuples): hence this box. Its Dask token is drawn once, at random: Dask would otherwise
-    pickle and hash the whole chunk several times to name the task (8 s for 13 chunks of 8,192)."""
+    """A chunk as one opaque object for Dask: Dask looks through list arguments for futures to
+    resolve, and would pickle and hash a whole chunk to name its task (8 s for 13 chunks of 8,192);
+    the box hides the items and its token is drawn once, at random."""
 
     __slots__ = ("items", "token")
 
@@ -143,9 +145,8 @@ def _run_chunk(fn: Callable[[C], R], chunk: _Boxed) -> R:
 
 
 def _prefect_api_url() -> str:
-    """The Prefect API the workers report their task runs to: PREFECT_API_URL when set, else the
-    temporary server of this process (started here if the caller runs outside a flow), so that the
-    Dask workers do not each start one of their own."""
+    """The Prefect API the flow run reports to: PREFECT_API_URL when set, else the temporary server
+    of this process (started here if the caller runs outside a flow)."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
@@ -159,9 +160,13 @@ def _prefect_api_url() -> str:
 
 def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
           report: Callable[[R], None], until: Callable[[R], bool]) -> list[R]:
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
-    from prefect.futures import as_completed
+    """The chunks on the Dask cluster of a Prefect flow run's DaskTaskRunner, as plain Dask tasks
+    submitted through the runner's client, with one log line per chunk in the flow run. Not one
+    Prefect task per chunk: with Prefect's per-task engine and API work the engine took 1.79 x the
+    time of local processes at 100k files on 2 cores, as Dask tasks 1.27 x (bench/README.md)."""
+    from distributed import as_completed
+    from prefect import flow
+    from prefect.context import FlowRunContext
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_dask import DaskTaskRunner
 
@@ -172,23 +177,29 @@ def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
         from distributed import LocalCluster
 
         cluster = LocalCluster(n_workers=settings.worker_count(), threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING,
-                               env={"PREFECT_API_URL": api_url, "PREFECT_LOGGING_LEVEL": "WARNING"})
+                               host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING)
         address = cluster.scheduler_address
-    chunk_task = task(_run_chunk, name="chunk", cache_policy=NO_CACHE, persist_result=False, retries=0)
 
     @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
           persist_result=False, validate_parameters=False)
     def run_chunks(n: int) -> list[R]:
-        futures = {chunk_task.submit(fn, _Boxed(chunks[i])): i for i in range(n)}
         results: dict[int, R] = {}
-        for future in as_completed(list(futures)):
-            results[futures[future]] = future.result()
-            report(results[futures[future]])
-            if until(results[futures[future]]):
-                for f in futures:
-                    f.wrapped_future.cancel()  # the Dask future: the chunks not started are dropped
-                break
+        # the runner's own client, connected on first use (prefect_dask.get_dask_client reads it
+        # before that in a flow run, and fails, in prefect-dask 0.3.7)
+        client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr]
+        futures = client.map(partial(_run_chunk, fn), [_Boxed(chunks[i]) for i in range(n)], pure=False)
+        order = {f.key: i for i, f in enumerate(futures)}
+        with client.as_current():  # as_completed looks for the current client
+            for future in as_completed(futures):
+                i = order[future.key]
+                results[i] = future.result()
+                # genloop's logger: Prefect sends its lines to the flow run's logs (with
+                # PREFECT_LOGGING_EXTRA_LOGGERS=genloop, as the CLI and the deployments set)
+                log.info("chunk %d of %d done on the Dask cluster at %s", i + 1, n, address, extra=NOT_ON_CONSOLE)
+                report(results[i])
+                if until(results[i]):
+                    client.cancel(futures)  # the chunks not started are dropped, the running ones end
+                    break
         return [results[i] for i in sorted(results)]
 
     try:

@@ -115,11 +115,15 @@ def _within(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+NOT_ON_CONSOLE = {"on_console": False}  # `extra` of a line for Prefect's logs and --verbose only
+
+
 class ConsoleFilter(logging.Filter):
     """What reaches the console. At default verbosity: genloop's own lines, the lines of
     Prefect's flow and task runs (their states), and every WARNING or worse; other libraries'
     INFO lines (MLflow creating its tables, Optuna creating a study, Prefect's server) only with
-    --verbose. Prefect's API handler, which feeds its UI, still gets everything."""
+    --verbose, as are genloop's lines logged with `extra=NOT_ON_CONSOLE` (one per Dask chunk: the
+    console has a progress bar). Prefect's API handler, which feeds its UI, still gets everything."""
 
     def __init__(self, verbose: bool = False) -> None:
         super().__init__()
@@ -128,6 +132,8 @@ class ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.verbose or record.levelno >= logging.WARNING:
             return True
+        if not getattr(record, "on_console", True):
+            return False
         if _within(record.name, ("genloop", *RUN_LOGGERS)):
             return True
         # the line that explains the wait while Prefect's temporary API server starts
