@@ -2,7 +2,8 @@
 second finds nothing new), validate, one epoch of train (the train split resident, then streamed
 from data/clean's shards), training's input pipeline alone, and DVC (`dvc add` and a no-op
 `dvc status` of data/raw and data/clean), beside a bare decode -> resize -> encode loop over the
-same files, one process per core (the limit clean can approach).
+same files (data/raw, timed right before and right after clean), one process per core (the limit
+clean can approach).
 
     .venv/bin/python bench/scale.py --n 10000 [--size 64] [--engines processes,serial] [--workdir DIR]
 
@@ -75,9 +76,12 @@ def _bare_one(paths: list[str], resolution: int) -> int:
     return len(paths)
 
 
-def bare_reference(folder: Path, resolution: int, workers: int) -> float:
-    """Seconds for the bare loop over every file of `folder`, one process per core."""
-    paths = sorted(str(p) for p in folder.iterdir())
+def bare_reference(raw: Path, resolution: int, workers: int) -> float:
+    """Seconds for the bare loop over every file the ledger of `raw` (a workspace's data/raw)
+    lists, one process per core."""
+    from genloop.core.manifest import read_ledger
+
+    paths = sorted(str(raw / f) for f in read_ledger(raw / "ledger.parquet")["file"])
     chunks = [paths[i::workers] for i in range(workers)]
     start = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
@@ -160,11 +164,12 @@ def dvc_steps(ws: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_engines(args: argparse.Namespace, corpus: Path, bare: float, settings: list[str], services: dict[str, str],
+def run_engines(args: argparse.Namespace, settings: list[str], services: dict[str, str],
                 results: dict[str, object]) -> None:
     """Every step on a fresh workspace per engine; train, the loader and DVC with the first engine only
     (they do not depend on how clean spread its work). `services`: the Prefect server's env, for dask."""
     first_engine = args.engines.split(",")[0]
+    workers = len(os.sched_getaffinity(0))
     for engine in args.engines.split(","):
         ws = args.workdir / f"ws_{args.n}_{engine}"
         env = services if engine == "dask" else None
@@ -172,7 +177,12 @@ def run_engines(args: argparse.Namespace, corpus: Path, bare: float, settings: l
         ws.mkdir(parents=True)
         (ws / "params.yaml").write_text((ROOT / "params.yaml").read_text())
         collect = timed([*GENLOOP, "collect", *settings], ws)
+        # the bare loop reads the files clean reads (data/raw, just written by collect, so both find
+        # them in the page cache), right before and right after clean: its ratio is to the mean of
+        # the two, which cancels the drift of a shared machine over the minutes between
+        bare_before = bare_reference(ws / "data" / "raw", args.resolution, workers)
         clean = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws, env)
+        bare_after = bare_reference(ws / "data" / "raw", args.resolution, workers)
         again = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws, env)
         validate = timed([*GENLOOP, "validate", *settings], ws)
         kept = json.loads((ws / "reports" / "clean.json").read_text())["kept"]
@@ -185,7 +195,10 @@ def run_engines(args: argparse.Namespace, corpus: Path, bare: float, settings: l
                 steps[name]["img_per_s"] = json.loads((ws / "reports" / "train.json").read_text())["img_per_s"]
             steps["loader"] = loader_throughput(ws, args.batch)
             steps["dvc"] = dvc_steps(ws)
+        bare = (bare_before + bare_after) / 2
         clean["img_per_s"] = round(args.n / clean["seconds"], 1)
+        clean["bare_seconds"] = [round(bare_before, 2), round(bare_after, 2)]
+        clean["bare_img_per_s"] = round(args.n / bare, 1)
         clean["ratio_to_bare"] = round(bare / clean["seconds"], 3)
         again["ms_per_unchanged_file"] = round(1000 * again["seconds"] / args.n, 3)
         results[engine] = {"collect": collect, "clean": clean, "clean_again": again, "validate": validate,
@@ -209,8 +222,6 @@ def main() -> None:
         synthetic_corpus(corpus, args.n, args.size)
         print(f"corpus: {args.n:,} images in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     results: dict[str, object] = {"n": args.n, "size": args.size, "resolution": args.resolution, "cores": workers}
-    bare = bare_reference(corpus, args.resolution, workers)
-    results["bare_reference"] = {"seconds": round(bare, 2), "img_per_s": round(args.n / bare, 1)}
     settings = ["--set", "collect.dvc_add=false", "--set", f"collect.sources=['{corpus}']",
                 "--set", f"data.resolution={args.resolution}", "--set", "data.mode=RGB"]
     services: dict[str, str] = {}
@@ -224,21 +235,21 @@ def main() -> None:
         services = local_services.up(home, args.workdir)["env"]
         results["prefect_services_up_s"] = round(time.perf_counter() - start, 1)
     try:
-        run_engines(args, corpus, bare, settings, services, results)
+        run_engines(args, settings, services, results)
     finally:
         if services:
             local_services.down(home)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"scale_{args.n}{'_' + args.engines.replace(',', '_') if args.data_only else ''}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{args.n:,} RGB {args.size}-px PNGs -> {args.resolution} px, {workers} cores "
-          f"(bare reference: {results['bare_reference']['img_per_s']:,} img/s)")
+    print(f"{args.n:,} RGB {args.size}-px PNGs -> {args.resolution} px, {workers} cores")
     print(f"{'engine':<10} {'step':<14} {'seconds':>8} {'peak GB':>8}  note")
     for engine in args.engines.split(","):
         for step, r in results[engine].items():
             if not isinstance(r, dict) or step in ("loader", "dvc"):
                 continue
-            note = (f"{r['img_per_s']:,} img/s, {r['ratio_to_bare']:.2f} of bare" if step == "clean" else
+            note = (f"{r['img_per_s']:,} img/s, {r['ratio_to_bare']:.2f} of bare ({r['bare_img_per_s']:,} img/s, "
+                    f"{r['bare_seconds'][0]} s before and {r['bare_seconds'][1]} s after)" if step == "clean" else
                     f"{r['ms_per_unchanged_file']} ms per unchanged file" if step == "clean_again" else
                     f"{r['img_per_s']:,} img/s training" if step.startswith("train") else "")
             print(f"{engine:<10} {step:<14} {r['seconds']:>8} {r['peak_rss_gb']:>8}  {note}")

@@ -3,6 +3,7 @@ and a clear error naming the file when a shard is missing or damaged."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,28 @@ def test_the_perceptual_hash_is_imagehash_phash() -> None:
             pictures.append(Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)))
         pictures.append(Image.new("RGB", (side, side), (200, 10, 10)))  # flat: every AC coefficient is 0
     assert [perceptual_hash(p) for p in pictures] == [str(imagehash.phash(p)) for p in pictures]
+
+
+def test_normalise_hashes_its_pixels_as_imagehash_and_pillow_would() -> None:
+    """normalise takes grey levels and the perceptual hash straight from its pixel array: the same
+    integers as Pillow's convert("L") and the same hash as imagehash on the clean image, in both
+    modes, at the hash's own size and at another."""
+    import imagehash
+    from PIL import Image
+
+    from genloop.core.images import grey_levels, normalise
+
+    rng = np.random.default_rng(5)
+    colours = rng.integers(0, 256, (40, 24, 24, 3), dtype=np.uint8)
+    for rgb in colours:
+        assert np.array_equal(grey_levels(rgb), np.asarray(Image.fromarray(rgb).convert("L")))
+    for resolution in (32, 16):
+        for mode in ("RGB", "L"):
+            for k, rgb in enumerate(rng.integers(0, 256, (10, 48, 48, 3), dtype=np.uint8)):
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="PNG")
+                out = normalise(buf.getvalue(), mode=mode, resolution=resolution, max_pixels=10**6, min_side=8,
+                                blank_std=1.0)
+                clean = Image.fromarray(out.pixels[:, :, 0] if mode == "L" else out.pixels)
+                assert out.phash == str(imagehash.phash(clean)), (mode, resolution, k)
+                assert out.colour is True and out.pixels.shape == (resolution, resolution, 3 if mode == "RGB" else 1)

@@ -10,8 +10,8 @@ are cached by (raw sha256, normalisation params, mode), so a second clean over a
 data/raw decodes nothing again.
 
 The corpus mode: `data.mode` L or RGB as set, or with `auto` RGB when any image clean keeps has
-colour (`genloop.core.images.has_colour`) and L when every one is grey, decided over the whole
-corpus on every run. The decision reuses the per-file decode: the colour of each file is cached
+colour (`genloop.core.images.colour_in`, judged on the fitted image) and L when every one is
+grey, decided over the whole corpus on every run. The decision reuses the per-file decode: the colour of each file is cached
 with its result, files new to the cache are cleaned as grey until a chunk with colour turns up,
 and then every file is cleaned in RGB (a grey corpus is decoded once, a colour corpus once plus
 the chunks before its first colour one).
@@ -71,7 +71,8 @@ def _isin(values: pd.Series, among: pd.Series) -> pd.Series:
     return pd.Series(found.to_numpy(zero_copy_only=False), index=values.index, dtype=bool)
 
 
-CACHE_VERSION = 2  # 2: images in shards, perceptual hashes from genloop.core.images.perceptual_hash
+CACHE_VERSION = 3  # 2: images in shards, perceptual hashes from genloop.core.images.perceptual_hash;
+# 3: colour judged on the fitted image, grey from colour sources converted after the fit
 
 
 def _cache_dir(cfg: Params, ws: Workspace, mode: str) -> Path:

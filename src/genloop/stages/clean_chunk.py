@@ -7,6 +7,7 @@ what the chunk needs (numpy, Pillow, pyarrow), not the stage's tables (pandas, p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,6 @@ import pyarrow as pa
 
 from genloop.core.images import RejectedImage, normalise
 from genloop.core.shards import shard_name, write_shard
-from genloop.core.storage import sha256_bytes
 
 SHARDS = "shards"  # the cache's folder of shards
 
@@ -66,16 +66,18 @@ def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> pa.RecordBatch:
         row: dict[str, object]
         path = job.raw / rel
         try:
-            if not path.exists():
-                raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`")
-            out = normalise(path.read_bytes(), mode=job.mode, resolution=job.resolution, max_pixels=job.max_pixels,
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`") from None
+            out = normalise(data, mode=job.mode, resolution=job.resolution, max_pixels=job.max_pixels,
                             min_side=job.min_side, blank_std=job.blank_std, background=job.background)
         except RejectedImage as exc:
             row = {"raw_sha256": sha, "reason": str(exc)}
         else:
             row = {"raw_sha256": sha, "pixel_hash": out.pixel_hash, "phash": out.phash, "width": out.width,
                    "height": out.height, "original_mode": out.original_mode, "colour": out.colour,
-                   "note": out.note, "clean_sha256": sha256_bytes(out.pixels.tobytes()), "shard": name,
+                   "note": out.note, "clean_sha256": hashlib.sha256(out.pixels).hexdigest(), "shard": name,
                    "offset": len(images)}
             images.append(out.pixels)
         for column, values in columns.items():
