@@ -118,3 +118,60 @@ def test_normalise_hashes_its_pixels_as_imagehash_and_pillow_would() -> None:
                 clean = Image.fromarray(out.pixels[:, :, 0] if mode == "L" else out.pixels)
                 assert out.phash == str(imagehash.phash(clean)), (mode, resolution, k)
                 assert out.colour is True and out.pixels.shape == (resolution, resolution, 3 if mode == "RGB" else 1)
+
+
+def test_a_chunk_judges_each_image_as_it_would_be_judged_alone(tmp_path: Path) -> None:
+    """clean_chunk checks and hashes its images as array work over blocks: each image gets the
+    colour flag, grey levels, blank verdict and hashes it gets through normalise on its own,
+    whatever its neighbours (grey and colour sources, blanks, undecodable bytes), in both modes."""
+    import hashlib
+
+    from PIL import Image
+
+    from genloop.core import images as images_module
+    from genloop.core.images import RejectedImage, normalise
+    from genloop.stages.clean_chunk import ChunkJob, clean_chunk
+
+    rng = np.random.default_rng(9)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pictures = [Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)),  # grey source: not judged
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)),  # colour
+                Image.fromarray(np.repeat(rng.integers(0, 256, (40, 40, 1), dtype=np.uint8), 3, axis=2)),  # grey RGB
+                Image.new("RGB", (40, 40), (128, 128, 128)),  # blank
+                Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).convert("RGBA")]
+    blobs = []
+    for k, img in enumerate(pictures * 3):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    blobs.append(b"not an image")
+    files = []
+    for data in blobs:
+        sha = hashlib.sha256(data).hexdigest()
+        (raw / f"{sha}.png").write_bytes(data)
+        files.append((sha, f"{sha}.png"))
+    for mode in ("L", "RGB"):
+        for resolution in (32, 16):
+            images_module_block = images_module.FINISH_BLOCK_VALUES
+            images_module.FINISH_BLOCK_VALUES = 4 * resolution * resolution * 3  # blocks of 4 images
+            try:
+                job = ChunkJob(raw, tmp_path / f"cache-{mode}-{resolution}", mode, resolution, 10**6, 8, 2.0, "#ffffff")
+                rows = clean_chunk(job, files).to_pylist()
+            finally:
+                images_module.FINISH_BLOCK_VALUES = images_module_block
+            shard = np.load(job.cache / "shards" / rows[0]["shard"])
+            assert [r["raw_sha256"] for r in rows] == [sha for sha, _ in files]
+            for row, data in zip(rows, blobs, strict=True):
+                try:
+                    alone = normalise(data, mode=mode, resolution=resolution, max_pixels=10**6, min_side=8,
+                                      blank_std=2.0)
+                except RejectedImage as exc:
+                    assert row["reason"] == str(exc) and row["shard"] is None
+                    continue
+                assert row["reason"] is None
+                assert (row["pixel_hash"], row["phash"], row["colour"]) == (alone.pixel_hash, alone.phash,
+                                                                             alone.colour)
+                assert np.array_equal(shard[row["offset"]], alone.pixels)
+            assert [r["colour"] for r in rows[:5]] == [False, True, False, None, True]
+            assert sum(r["reason"] is not None for r in rows) == 4  # three blanks and the bytes

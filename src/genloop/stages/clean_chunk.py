@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from genloop.core.images import RejectedImage, normalise
+from genloop.core.images import Fitted, RejectedImage, finish, fit
 from genloop.core.shards import shard_name, write_shard
 
 SHARDS = "shards"  # the cache's folder of shards
@@ -60,20 +60,28 @@ def clean_chunk(job: ChunkJob, files: list[tuple[str, str]]) -> pa.RecordBatch:
     one run leaves. The same function runs in this process, in a process pool and on Dask workers
     (`genloop.core.chunk_map`)."""
     name = shard_name(sha for sha, _ in files)
-    columns: dict[str, list[object]] = {f.name: [] for f in CACHE_SCHEMA}
-    images: list[np.ndarray] = []
+    reasons: dict[str, str] = {}
+    fitted: list[tuple[str, Fitted]] = []
     for sha, rel in files:
-        row: dict[str, object]
-        path = job.raw / rel
         try:
             try:
-                data = path.read_bytes()
+                data = (job.raw / rel).read_bytes()
             except FileNotFoundError:
                 raise RejectedImage(f"missing from data/raw ({rel}); run `dvc checkout data.dvc`") from None
-            out = normalise(data, mode=job.mode, resolution=job.resolution, max_pixels=job.max_pixels,
-                            min_side=job.min_side, blank_std=job.blank_std, background=job.background)
+            fitted.append((sha, fit(data, mode=job.mode, resolution=job.resolution, max_pixels=job.max_pixels,
+                                    min_side=job.min_side, background=job.background)))
         except RejectedImage as exc:
-            row = {"raw_sha256": sha, "reason": str(exc)}
+            reasons[sha] = str(exc)
+    done = dict(zip((sha for sha, _ in fitted),
+                    finish([f for _, f in fitted], mode=job.mode, resolution=job.resolution, blank_std=job.blank_std),
+                    strict=True))
+    columns: dict[str, list[object]] = {f.name: [] for f in CACHE_SCHEMA}
+    images: list[np.ndarray] = []
+    for sha, _ in files:
+        out = done.get(sha)
+        row: dict[str, object]
+        if out is None or isinstance(out, RejectedImage):
+            row = {"raw_sha256": sha, "reason": reasons[sha] if out is None else str(out)}
         else:
             row = {"raw_sha256": sha, "pixel_hash": out.pixel_hash, "phash": out.phash, "width": out.width,
                    "height": out.height, "original_mode": out.original_mode, "colour": out.colour,
