@@ -23,7 +23,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,39 @@ def dvc_steps(ws: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+@contextmanager
+def running_cluster(workdir: Path, workers: int) -> Iterator[str]:
+    """A Dask scheduler and `workers` single-threaded workers as plain processes on 127.0.0.1, as
+    infra/ runs them; yields the scheduler's address once every worker has joined."""
+    from distributed import Client
+
+    bin_dir = Path(sys.executable).parent
+    scheduler_file = workdir / "dask-scheduler.json"
+    scheduler_file.unlink(missing_ok=True)
+    logs = open(workdir / "dask-cluster.log", "w")  # noqa: SIM115 - closed below, after the processes
+    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
+                              stdout=logs, stderr=subprocess.STDOUT)]
+    try:
+        while not scheduler_file.exists():
+            if procs[0].poll() is not None:
+                raise SystemExit(f"the Dask scheduler exited: see {logs.name}")
+            time.sleep(0.2)
+        procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", "--scheduler-file", str(scheduler_file),
+                                       "--nworkers", str(workers), "--nthreads", "1", "--host", "127.0.0.1",
+                                       "--dashboard-address", "127.0.0.1:0"], stdout=logs, stderr=subprocess.STDOUT))
+        with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+            address = client.scheduler.address
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+        logs.close()
+
+
 def run_engines(args: argparse.Namespace, settings: list[str], services: dict[str, str],
                 results: dict[str, object]) -> None:
     """Every step on a fresh workspace per engine; train, the loader and DVC with the first engine only
@@ -172,37 +207,50 @@ def run_engines(args: argparse.Namespace, settings: list[str], services: dict[st
     workers = len(os.sched_getaffinity(0))
     for engine in args.engines.split(","):
         ws = args.workdir / f"ws_{args.n}_{engine}"
-        env = services if engine == "dask" else None
-        subprocess.run(["rm", "-rf", str(ws)], check=True)
-        ws.mkdir(parents=True)
-        (ws / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-        collect = timed([*GENLOOP, "collect", *settings], ws)
-        # the bare loop reads the files clean reads (data/raw, just written by collect, so both find
-        # them in the page cache), right before and right after clean: its ratio is to the mean of
-        # the two, which cancels the drift of a shared machine over the minutes between
-        bare_before = bare_reference(ws / "data" / "raw", args.resolution, workers)
-        clean = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws, env)
-        bare_after = bare_reference(ws / "data" / "raw", args.resolution, workers)
-        again = timed([*GENLOOP, "clean", *settings, "--set", f"parallel.engine={engine}"], ws, env)
-        validate = timed([*GENLOOP, "validate", *settings], ws)
-        kept = json.loads((ws / "reports" / "clean.json").read_text())["kept"]
-        steps: dict[str, object] = {}
-        if engine == first_engine and not args.data_only:
-            for name, budget in (("train_resident", 8.0), ("train_streamed", 0.0)):
-                steps[name] = timed([*GENLOOP, "train", *settings, "--set", "train.epochs=1", "--set",
-                                     f"train.batch_size={args.batch}", "--set", f"train.memory_budget_gb={budget}",
-                                     "--set", "train.resume=never"], ws)
-                steps[name]["img_per_s"] = json.loads((ws / "reports" / "train.json").read_text())["img_per_s"]
-            steps["loader"] = loader_throughput(ws, args.batch)
-            steps["dvc"] = dvc_steps(ws)
-        bare = (bare_before + bare_after) / 2
-        clean["img_per_s"] = round(args.n / clean["seconds"], 1)
-        clean["bare_seconds"] = [round(bare_before, 2), round(bare_after, 2)]
-        clean["bare_img_per_s"] = round(args.n / bare, 1)
-        clean["ratio_to_bare"] = round(bare / clean["seconds"], 3)
-        again["ms_per_unchanged_file"] = round(1000 * again["seconds"] / args.n, 3)
-        results[engine] = {"collect": collect, "clean": clean, "clean_again": again, "validate": validate,
-                           "kept": kept, **steps}
+        env = services if engine.startswith("dask") else None
+        with ExitStack() as stack:
+            # dask-cluster: the dask engine on a cluster that is already running (parallel.address), as
+            # a deployment on a cluster runs; dask: a LocalCluster started (and closed) by each run
+            engine_settings = ["--set", f"parallel.engine={engine.split('-')[0]}"]
+            if engine == "dask-cluster":
+                address = stack.enter_context(running_cluster(args.workdir, workers))
+                engine_settings += ["--set", f"parallel.address={address}"]
+            results[engine] = _run_engine(args, ws, settings, engine_settings, env, workers,
+                                          steps=engine == first_engine and not args.data_only)
+
+
+def _run_engine(args: argparse.Namespace, ws: Path, settings: list[str], engine_settings: list[str],
+                env: dict[str, str] | None, workers: int, steps: bool) -> dict[str, object]:
+    """Every step on the fresh workspace `ws` with one engine; with `steps`, train, the loader and DVC too."""
+    subprocess.run(["rm", "-rf", str(ws)], check=True)
+    ws.mkdir(parents=True)
+    (ws / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    collect = timed([*GENLOOP, "collect", *settings], ws)
+    # the bare loop reads the files clean reads (data/raw, just written by collect, so both find
+    # them in the page cache), right before and right after clean: its ratio is to the mean of
+    # the two, which cancels the drift of a shared machine over the minutes between
+    bare_before = bare_reference(ws / "data" / "raw", args.resolution, workers)
+    clean = timed([*GENLOOP, "clean", *settings, *engine_settings], ws, env)
+    bare_after = bare_reference(ws / "data" / "raw", args.resolution, workers)
+    again = timed([*GENLOOP, "clean", *settings, *engine_settings], ws, env)
+    validate = timed([*GENLOOP, "validate", *settings], ws)
+    kept = json.loads((ws / "reports" / "clean.json").read_text())["kept"]
+    more: dict[str, object] = {}
+    if steps:
+        for name, budget in (("train_resident", 8.0), ("train_streamed", 0.0)):
+            more[name] = timed([*GENLOOP, "train", *settings, "--set", "train.epochs=1", "--set",
+                                f"train.batch_size={args.batch}", "--set", f"train.memory_budget_gb={budget}",
+                                "--set", "train.resume=never"], ws)
+            more[name]["img_per_s"] = json.loads((ws / "reports" / "train.json").read_text())["img_per_s"]
+        more["loader"] = loader_throughput(ws, args.batch)
+        more["dvc"] = dvc_steps(ws)
+    bare = (bare_before + bare_after) / 2
+    clean["img_per_s"] = round(args.n / clean["seconds"], 1)
+    clean["bare_seconds"] = [round(bare_before, 2), round(bare_after, 2)]
+    clean["bare_img_per_s"] = round(args.n / bare, 1)
+    clean["ratio_to_bare"] = round(bare / clean["seconds"], 3)
+    again["ms_per_unchanged_file"] = round(1000 * again["seconds"] / args.n, 3)
+    return {"collect": collect, "clean": clean, "clean_again": again, "validate": validate, "kept": kept, **more}
 
 
 def main() -> None:
@@ -210,7 +258,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="images in the synthetic corpus")
     ap.add_argument("--size", type=int, default=64, help="side of the synthetic images (pixels)")
     ap.add_argument("--resolution", type=int, default=32, help="data.resolution clean resizes to")
-    ap.add_argument("--engines", default="processes,serial", help="parallel.engine values to time clean with")
+    ap.add_argument("--engines", default="processes,serial",
+                    help="parallel.engine values to time clean with, and dask-cluster: the dask engine on a "
+                         "scheduler and workers started beforehand (parallel.address)")
     ap.add_argument("--batch", type=int, default=256, help="train.batch_size of the train steps and the loader")
     ap.add_argument("--data-only", action="store_true", help="collect, clean and validate only (no train, DVC)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/genloop-scale"))
@@ -225,7 +275,7 @@ def main() -> None:
     settings = ["--set", "collect.dvc_add=false", "--set", f"collect.sources=['{corpus}']",
                 "--set", f"data.resolution={args.resolution}", "--set", "data.mode=RGB"]
     services: dict[str, str] = {}
-    if "dask" in args.engines.split(",") and not os.environ.get("PREFECT_API_URL"):
+    if any(e.startswith("dask") for e in args.engines.split(",")) and not os.environ.get("PREFECT_API_URL"):
         # the engine reports its tasks to a Prefect server, as a deployment on a cluster does; without
         # one, each run would start Prefect's temporary server first (13 s here, timed apart)
         from genloop.orchestrate import local_services

@@ -66,26 +66,3 @@ def test_stop_ends_the_map_early_and_returns_only_finished_chunks_in_order(engin
     assert len(out) < len(chunks)  # the rest was cancelled
     assert all(r in [square_all(c) for c in chunks] for r in out)
     assert out == sorted(out)  # chunk order
-
-
-def test_dask_chunks_grow_to_about_four_per_worker_within_sixteen_times_the_setting() -> None:
-    from genloop.core.chunk_map import chunk_size
-
-    def size(engine: str, items: int, chunk: int = 512, workers: int = 2) -> int:
-        return chunk_size(ParallelParams(engine=engine, workers=workers, chunk_size=chunk), items)
-
-    def chunks(items: int, each: int) -> int:
-        return -(-items // each)
-
-    assert size("processes", 100_000) == size("serial", 100_000) == 512  # the setting, as it is
-    assert size("dask", 1_200, chunk=20) == 150  # 8 chunks: 4 per worker
-    # capped at 16 x 512 (a chunk's images sit in a worker's memory), then evened out: 14 chunks
-    # of 7,143 make 7 whole rounds of 2 workers, where 13 of 8,192 left one worker idle at the end
-    assert size("dask", 100_000) == 7_143 and chunks(100_000, 7_143) == 14
-    assert size("dask", 100_000, workers=3) == 6_667 and chunks(100_000, 6_667) == 15  # 5 rounds of 3
-    for items, workers in ((1_000, 2), (10_001, 2), (777_777, 4), (100_000, 5), (3, 2), (5, 4)):
-        each = size("dask", items, workers=workers)
-        n = chunks(items, each)
-        assert n % workers == 0 or n < workers, (items, workers, each)  # whole rounds
-        assert each <= 16 * 512
-    assert size("dask", 1_000) == 500  # two equal chunks, one per worker, rather than 512 + 488

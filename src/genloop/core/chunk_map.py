@@ -40,25 +40,6 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
-# On Dask chunks grow until each worker runs about this many (sized when each chunk was a Prefect
-# task costing about 0.45 s of worker time; now a plain Dask task, whose own cost is not measured
-# apart: bench/README.md has the engine's whole ratio with these sizes)...
-DASK_TASKS_PER_WORKER = 4
-DASK_MAX_GROWTH = 16  # ...but to at most this many times parallel.chunk_size (a chunk's images sit in memory)
-
-
-def chunk_size(settings: ParallelParams, items: int) -> int:
-    """Items per chunk for `items` items: `parallel.chunk_size`; on Dask larger, so that each
-    worker runs about DASK_TASKS_PER_WORKER chunks, up to DASK_MAX_GROWTH times the setting, and
-    then evened out so that the chunks make whole rounds of the workers (13 chunks of 8,192 on 2
-    workers left one worker idle for the last chunk; 14 of 7,143 do not)."""
-    if settings.engine != "dask" or items <= 0:
-        return settings.chunk_size
-    workers = settings.worker_count()
-    per_worker = -(-items // (workers * DASK_TASKS_PER_WORKER))
-    size = max(settings.chunk_size, min(per_worker, settings.chunk_size * DASK_MAX_GROWTH))
-    rounds = -(-items // (size * workers))  # chunks per worker
-    return -(-items // (rounds * workers))
 
 
 def chunked(items: Sequence[C], size: int) -> list[list[C]]:

@@ -474,8 +474,7 @@ class ParallelParams(_Section):
     )
     chunk_size: int = Field(
         512, ge=1,
-        description="files per chunk (and clean shard): the unit that is retried when a worker dies; engine dask "
-                    "makes chunks up to 16x larger, about 4 per worker (a Prefect task costs ~0.45 s)",
+        description="files per chunk (and clean shard), on every engine: the unit that is retried when a worker dies",
     )
 
     @field_validator("workers")

@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genloop.core.chunk_map import chunk_map, chunk_size, chunked, engine_summary
+from genloop.core.chunk_map import chunk_map, chunked, engine_summary
 from genloop.core.config import Params
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import (
@@ -108,11 +108,7 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
                    cfg.clean.min_side, cfg.clean.blank_std, cfg.data.background)
     files = list(zip(todo["sha256"], todo["file"], strict=True))
     del todo
-    # the colour probe stops at the first chunk holding colour: with Dask's grown chunks (8,192
-    # files) it would decode two of them in grey first, so its first round keeps parallel.chunk_size
-    head = cfg.parallel.worker_count() * cfg.parallel.chunk_size if until_colour else 0
-    chunks = chunked(files[:head], cfg.parallel.chunk_size) + chunked(
-        files[head:], chunk_size(cfg.parallel, len(files) - head))
+    chunks = chunked(files, cfg.parallel.chunk_size)
     if chunks:
         cache.mkdir(parents=True, exist_ok=True)
         log.info("clean: %d files to decode in %d chunks (%s)", len(files), len(chunks),
