@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from urllib.parse import quote
 
@@ -57,6 +58,39 @@ def test_redact_masks_uri_credentials_and_secret_variables(planted: dict[str, st
 def test_short_values_are_not_masked_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")  # moto's conventional value in the tests
     assert logs.redact("integration testing") == "integration testing"
+
+
+class _VanishingEnviron(MutableMapping):
+    """An environment in which one variable is unset by another thread between being listed and
+    being read, as MLflow's telemetry thread unsets _MLFLOW_TELEMETRY_SESSION_ID."""
+
+    def __init__(self, values: dict[str, str], vanishing: str) -> None:
+        self._values, self._vanishing = values, vanishing
+
+    def __getitem__(self, key: str) -> str:
+        if key == self._vanishing:
+            raise KeyError(key)
+        return self._values[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._values[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._values))
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def test_a_variable_unset_while_the_secrets_are_read_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = _VanishingEnviron({"_MLFLOW_TELEMETRY_SESSION_ID": "abc", "MY_SERVICE_TOKEN": "t0ken-value-5678"},
+                            vanishing="_MLFLOW_TELEMETRY_SESSION_ID")
+    monkeypatch.setattr(logs.os, "environ", env)
+    assert logs.secret_values() == {"t0ken-value-5678": "MY_SERVICE_TOKEN"}
+    assert logs.redact("token t0ken-value-5678") == "token <MY_SERVICE_TOKEN>"
 
 
 def test_log_records_are_masked_whatever_handler_sends_them(planted: dict[str, str],

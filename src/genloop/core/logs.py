@@ -40,8 +40,11 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^
 def secret_values() -> dict[str, str]:
     """{value: variable} of the credentials in the environment, longest first."""
     found = {}
-    for name, value in os.environ.items():
-        if (name in SECRET_VARS or _SECRET_NAME.search(name)) and len(value) >= MIN_SECRET_LENGTH:
+    # names first, then each value: another thread may unset a variable meanwhile (MLflow's telemetry
+    # drops _MLFLOW_TELEMETRY_SESSION_ID), and os.environ.items() then raises KeyError mid-way
+    for name in list(os.environ):
+        value = os.environ.get(name)
+        if value is not None and (name in SECRET_VARS or _SECRET_NAME.search(name)) and len(value) >= MIN_SECRET_LENGTH:
             found[value] = name
     return dict(sorted(found.items(), key=lambda kv: -len(kv[0])))
 
