@@ -1,6 +1,7 @@
 """How the data stages scale: a synthetic corpus of N images through collect, clean (twice: the
 second finds nothing new), validate, one epoch of train (the train split resident, then streamed
-from data/clean's shards), training's input pipeline alone, and DVC (`dvc add` and a no-op
+from data/clean's shards), evaluate (once to train this data version's judges, then with each of
+`--eval-samples` generated images), training's input pipeline alone, and DVC (`dvc add` and a no-op
 `dvc status` of data/raw and data/clean), beside a bare decode -> resize -> encode loop over the
 same files (data/raw, timed right before and right after clean), one process per core (the limit
 clean can approach).
@@ -219,6 +220,20 @@ def run_engines(args: argparse.Namespace, settings: list[str], services: dict[st
                                           steps=engine == first_engine and not args.data_only)
 
 
+def evaluate_steps(ws: Path, settings: list[str], sample_counts: list[int]) -> dict[str, dict[str, object]]:
+    """evaluate on the trained generator: first with the default sample count, which trains the judges
+    of this data version (extractor, reference statistics, the ladder), then with each count asked for."""
+    out: dict[str, dict[str, object]] = {}
+    for n in [None, *sample_counts]:
+        extra = ["--set", f"evaluate.n_samples={n}"] if n else []
+        step: dict[str, object] = dict(timed([*GENLOOP, "evaluate", *settings, *extra], ws))
+        report = json.loads((ws / "reports" / "eval.json").read_text())
+        step |= {"n_samples": report["n_fake"], "n_real": report["n_real"], "seconds_after_judges": report["seconds"],
+                 "fid": report["fid"], "extractor": report["extractor"]["name"]}
+        out["evaluate_judges" if n is None else f"evaluate_{n}"] = step
+    return out
+
+
 def _run_engine(args: argparse.Namespace, ws: Path, settings: list[str], engine_settings: list[str],
                 env: dict[str, str] | None, workers: int, steps: bool) -> dict[str, object]:
     """Every step on the fresh workspace `ws` with one engine; with `steps`, train, the loader and DVC too."""
@@ -242,6 +257,7 @@ def _run_engine(args: argparse.Namespace, ws: Path, settings: list[str], engine_
                                 f"train.batch_size={args.batch}", "--set", f"train.memory_budget_gb={budget}",
                                 "--set", "train.resume=never"], ws)
             more[name]["img_per_s"] = json.loads((ws / "reports" / "train.json").read_text())["img_per_s"]
+        more.update(evaluate_steps(ws, settings, args.eval_samples))
         more["loader"] = loader_throughput(ws, args.batch)
         more["dvc"] = dvc_steps(ws)
     bare = (bare_before + bare_after) / 2
@@ -262,7 +278,10 @@ def main() -> None:
                     help="parallel.engine values to time clean with, and dask-cluster: the dask engine on a "
                          "scheduler and workers started beforehand (parallel.address)")
     ap.add_argument("--batch", type=int, default=256, help="train.batch_size of the train steps and the loader")
-    ap.add_argument("--data-only", action="store_true", help="collect, clean and validate only (no train, DVC)")
+    ap.add_argument("--data-only", action="store_true",
+                    help="collect, clean and validate only (no train, evaluate, DVC)")
+    ap.add_argument("--eval-samples", type=lambda v: [int(x) for x in v.split(",")], default=[10_000, 50_000],
+                    help="evaluate.n_samples values to time evaluate with (comma-separated)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/genloop-scale"))
     args = ap.parse_args()
     workers = len(os.sched_getaffinity(0))
@@ -301,7 +320,9 @@ def main() -> None:
             note = (f"{r['img_per_s']:,} img/s, {r['ratio_to_bare']:.2f} of bare ({r['bare_img_per_s']:,} img/s, "
                     f"{r['bare_seconds'][0]} s before and {r['bare_seconds'][1]} s after)" if step == "clean" else
                     f"{r['ms_per_unchanged_file']} ms per unchanged file" if step == "clean_again" else
-                    f"{r['img_per_s']:,} img/s training" if step.startswith("train") else "")
+                    f"{r['img_per_s']:,} img/s training" if step.startswith("train") else
+                    f"{r['n_samples']:,} samples against {r['n_real']:,} real, {r['seconds_after_judges']} s after "
+                    f"the judges, {r['extractor']}" if step.startswith("evaluate") else "")
             print(f"{engine:<10} {step:<14} {r['seconds']:>8} {r['peak_rss_gb']:>8}  {note}")
         for step, r in results[engine].get("dvc", {}).items():
             if "seconds" in r:

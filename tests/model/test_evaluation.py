@@ -19,6 +19,7 @@ from genloop.core.dataset import load_split, to_unit
 from genloop.core.errors import GenloopError
 from genloop.core.manifest import corpus_mode
 from genloop.core.workspace import Workspace
+from genloop.eval.diversity import diversity_metrics
 from genloop.eval.extractors import embed, embed_with_logits, get_extractor, to_nchw_uint8
 from genloop.eval.gate import decide, paired_bootstrap
 from genloop.eval.generator_eval import GeneratorEval
@@ -112,6 +113,32 @@ def test_the_domain_extractor_trained_twice_on_one_data_version_is_the_same(data
         torch.manual_seed(process_state)  # as two processes would start: whatever ran before differs
         features.append(embed(get_extractor(cfg, copy_ws).module, holdout))
     assert torch.equal(features[0], features[1])
+
+
+def test_judges_reading_the_splits_from_their_shards_give_the_numbers_they_give_in_memory(data_ws, tmp_path,
+                                                                                         monkeypatch):
+    """evaluate.memory_budget_gb=0: the judges read every split batch by batch from data/clean's
+    shards instead of holding it, and their numbers are the same."""
+    ws, cfg, _ = data_ws
+    streamed_cfg = load_params(None, [*SETTINGS, "evaluate.memory_budget_gb=0"])
+    assert not isinstance(load_split(ws, "train", memory_budget_gb=0).images, torch.Tensor)
+    runs = {}
+    for name, settings in (("resident", cfg), ("streamed", streamed_cfg)):
+        monkeypatch.setenv("GENLOOP_JUDGE_CACHE", str(tmp_path / name))  # nothing cached: every judge computed
+        extractor = get_extractor(settings, ws)
+        ref, train_set = load_reference(settings, ws, extractor)
+        fake = load_split(ws, "holdout").images[:100]
+        fake_feats = embed(extractor.module, fake)
+        classes = (torch.arange(100) % 10, [str(c) for c in range(10)])
+        runs[name] = (ref, diversity_metrics(ws, ref.train, fake_feats, fake, classes,
+                                             memory_budget_gb=settings.evaluate.memory_budget_gb), train_set)
+    (ref_a, div_a, set_a), (ref_b, div_b, set_b) = runs["resident"], runs["streamed"]
+    assert isinstance(set_a.images, torch.Tensor) and not isinstance(set_b.images, torch.Tensor)
+    assert torch.equal(ref_a.holdout, ref_b.holdout) and torch.equal(ref_a.train, ref_b.train)
+    assert ref_a.floor == ref_b.floor and ref_a.novelty_unit == ref_b.novelty_unit
+    assert div_a == div_b and div_a["class_diversity"] is not None
+    idx = torch.tensor([3, 0, 7])  # the memorisation grid indexes the train split this way
+    assert torch.equal(set_a.images[idx], set_b.images[idx])
 
 
 def test_memorisation_flags_copied_training_images(data_ws):

@@ -236,7 +236,7 @@ def test_diversity_metrics_match_generated_and_real_classes_by_name(monkeypatch,
     real_f, real_x = _draw(600, seed=1)
     names = ["zero", "one", "two"]
     train = ImageSet(real_x, torch.tensor([int(c) for c in _classes(600)]), names, [str(i) for i in range(600)])
-    monkeypatch.setattr(diversity, "load_split", lambda ws, split: train)
+    monkeypatch.setattr(diversity, "load_split", lambda ws, split, **_: train)
     fake_f, fake_x = _draw(150, seed=2)
     # the generator lists the same classes in another order: its index 0 is the data's "two"
     order = ["two", "zero", "one"]
@@ -247,7 +247,7 @@ def test_diversity_metrics_match_generated_and_real_classes_by_name(monkeypatch,
     shuffled = diversity.diversity_metrics(None, real_f, fake_f, fake_x, (asked, names))
     assert shuffled["class_diversity"] != pytest.approx(1.0, abs=0.05)
     unlabelled = ImageSet(real_x, None, [], train.ids)
-    monkeypatch.setattr(diversity, "load_split", lambda ws, split: unlabelled)
+    monkeypatch.setattr(diversity, "load_split", lambda ws, split, **_: unlabelled)
     whole = diversity.diversity_metrics(None, real_f, fake_f, fake_x, (asked, order))
     assert whole["class_diversity"] == pytest.approx(1.0, abs=0.05)  # whole sets: the same distribution
     assert diversity.diversity_metrics(None, real_f[:10], fake_f, fake_x, None) == {}  # features of another split

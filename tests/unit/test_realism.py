@@ -70,6 +70,23 @@ def test_the_raw_score_is_kynkaanniemis_definition() -> None:
     assert knn_realism(fake, real, radii).numpy() == pytest.approx((radii.numpy() / distance).max(axis=1), rel=1e-5)
 
 
+def test_against_a_large_bank_the_distances_come_in_smaller_blocks_to_the_same_answers(monkeypatch) -> None:
+    """A block holds at most BLOCK_VALUES distances: against a bank of N rows, fewer query rows per
+    block (a 1M-image train split would otherwise make a 512 x 1M block, 2 GB); the answers stay."""
+    from genloop.eval import distance_blocks
+    from genloop.eval.extractors import nearest
+
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(700, 5, generator=gen), torch.randn(50, 5, generator=gen)
+    whole = knn_radii(real, 3), knn_realism(fake, real, knn_radii(real, 3)), nearest(fake, real)
+    assert distance_blocks.block_rows(700, 512) == 512
+    monkeypatch.setattr(distance_blocks, "BLOCK_VALUES", 7 * 700)
+    assert distance_blocks.block_rows(700, 512) == 7 and distance_blocks.block_rows(10 ** 9, 512) == 1
+    blocked = knn_radii(real, 3), knn_realism(fake, real, knn_radii(real, 3)), nearest(fake, real)
+    assert torch.allclose(blocked[0], whole[0]) and torch.allclose(blocked[1], whole[1])
+    assert torch.allclose(blocked[2][0], whole[2][0]) and torch.equal(blocked[2][1], whole[2][1])
+
+
 def test_a_training_copy_scores_top_and_an_empty_holdout_is_refused() -> None:
     gen = torch.Generator().manual_seed(0)
     real, unseen = torch.randn(50, 4, generator=gen), torch.randn(30, 4, generator=gen)

@@ -141,7 +141,7 @@ def test_a_chunk_judges_each_image_as_it_would_be_judged_alone(tmp_path: Path) -
                 Image.new("RGB", (40, 40), (128, 128, 128)),  # blank
                 Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).convert("RGBA")]
     blobs = []
-    for k, img in enumerate(pictures * 3):
+    for img in pictures * 3:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         blobs.append(buf.getvalue())

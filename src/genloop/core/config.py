@@ -301,6 +301,11 @@ class EvaluateParams(_Section):
     memorisation_threshold: float = Field(
         0.15, ge=0, description="a sample nearer than this (in novelty units) to a training image counts as memorised"
     )
+    memory_budget_gb: float = Field(
+        1.0, ge=0,
+        description="the most memory a split's images may take while the judges read them (GB, uint8); a larger "
+                    "split streams from data/clean's shards batch by batch, to the same numbers",
+    )
     calibration: CalibrationParams = Field(default_factory=CalibrationParams)
 
 

@@ -166,7 +166,10 @@ class ShardedImages:
     def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
         import torch
 
-        rows = np.arange(len(self))[index] if isinstance(index, slice) else index.cpu().numpy().reshape(-1)
+        if isinstance(index, slice):
+            rows = np.arange(len(self))[index]
+        else:  # row numbers, or a boolean mask over the rows (as a tensor takes either)
+            rows = (index.nonzero() if index.dtype == torch.bool else index).cpu().numpy().reshape(-1)
         out = np.empty((len(rows), self._bytes), dtype=np.uint8)
         for k, r in enumerate(rows.tolist()):
             s = int(self._shard[r])

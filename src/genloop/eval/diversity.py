@@ -42,10 +42,11 @@ def pixel_spread(images: torch.Tensor) -> float:
     return float(images.float().std(dim=0).mean())
 
 
-def _subsample(x: torch.Tensor, seed: int) -> torch.Tensor:
-    if len(x) <= MAX_PER_SET:
-        return x
-    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_PER_SET]]
+def _subsample(rows: torch.Tensor, seed: int) -> torch.Tensor:
+    """At most MAX_PER_SET of the row numbers `rows` (seeded), in the order the set would be drawn."""
+    if len(rows) <= MAX_PER_SET:
+        return rows
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:MAX_PER_SET]]
 
 
 def diversity_ratio(spread: Spread, fake: torch.Tensor, fake_classes: list[str] | None,
@@ -53,21 +54,23 @@ def diversity_ratio(spread: Spread, fake: torch.Tensor, fake_classes: list[str] 
     """Mean over classes of spread(fake of c) / spread(real of c); over the whole sets when either
     side has no classes. Classes with fewer than 2 images on a side, or no real spread, are left
     out; None when none is left."""
+    # row numbers first, images last: `real` may be a split read from its shards, of which only the
+    # subsample is read
     if fake_classes is None or real_classes is None:
-        groups = {"all": (fake, real)}
+        groups = {"all": (torch.arange(len(fake)), torch.arange(len(real)))}
     else:
         groups = {}
         for c in dict.fromkeys(fake_classes):
-            fake_mask = torch.tensor([x == c for x in fake_classes])
-            real_mask = torch.tensor([x == c for x in real_classes])
-            groups[c] = (fake[fake_mask], real[real_mask])
+            fake_rows = torch.tensor([x == c for x in fake_classes]).nonzero().flatten()
+            real_rows = torch.tensor([x == c for x in real_classes]).nonzero().flatten()
+            groups[c] = (fake_rows, real_rows)
     ratios = []
     for f, r in groups.values():
         if len(f) < 2 or len(r) < 2:
             continue
-        real_spread = spread(_subsample(r, seed))
+        real_spread = spread(real[_subsample(r, seed)])
         if real_spread > 0:
-            ratios.append(spread(_subsample(f, seed)) / real_spread)
+            ratios.append(spread(fake[_subsample(f, seed)]) / real_spread)
     return sum(ratios) / len(ratios) if ratios else None
 
 
@@ -86,11 +89,13 @@ def class_diversity(fake_features: torch.Tensor, fake_images: torch.Tensor, fake
 
 def diversity_metrics(ws: Workspace, real_features: torch.Tensor, fake_features: torch.Tensor,
                       fake_images: torch.Tensor,
-                      asked: tuple[torch.Tensor, list[str]] | None) -> dict[str, float | None]:
+                      asked: tuple[torch.Tensor, list[str]] | None,
+                      memory_budget_gb: float | None = None) -> dict[str, float | None]:
     """class_diversity of generated images against the train split (`real_features`: its features,
     in its order); `asked`: the class index asked for per sample and the class names (None:
-    unconditional). Real classes come from the split's labels when every image has one."""
-    train = load_split(ws, "train")
+    unconditional). Real classes come from the split's labels when every image has one; the split's
+    images stream from its shards when they take more than `memory_budget_gb`."""
+    train = load_split(ws, "train", memory_budget_gb=memory_budget_gb)
     if len(train) != len(real_features):
         log.warning("class diversity: %d train features for %d train images; not computed",
                     len(real_features), len(train))

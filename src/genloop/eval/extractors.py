@@ -35,6 +35,7 @@ from genloop.core.seeding import seeded
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.contrastive import nt_xent, view
+from genloop.eval.distance_blocks import block_rows
 from genloop.eval.pretrained import PretrainedExtractor, pretrained_unavailable, weights_dir
 from genloop.models import load_torch_file
 
@@ -228,7 +229,7 @@ def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> flo
 def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extractor=domain") -> Extractor:
     """The in-domain extractor for the current data version: loaded if cached, else trained."""
     version = data_version(ws)
-    data = load_split(ws, "train")
+    data = load_split(ws, "train", memory_budget_gb=cfg.evaluate.memory_budget_gb)
     channels = data.images.shape[1]
     key = sha256_bytes(
         f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{corpus_mode(ws.manifest)}|"
@@ -324,6 +325,7 @@ def embed_with_logits(
 def nearest(query: torch.Tensor, bank: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance to, and index of, each query feature's nearest neighbour in `bank`."""
     dists, idxs = [], []
+    batch = block_rows(len(bank), batch)
     for i in range(0, len(query), batch):
         d = torch.cdist(query[i : i + batch], bank)
         m = d.min(dim=1)

@@ -128,7 +128,8 @@ def evaluate_generator(
     classes = asked(len(images)) if asked is not None else None
     if classes is not None:
         metrics.update(consistency_metrics(cfg, ws, images, *classes))
-    metrics.update(diversity_metrics(ws, ref.train, features, images, classes))
+    metrics.update(diversity_metrics(ws, ref.train, features, images, classes,
+                                         memory_budget_gb=e.memory_budget_gb))
     mem = memorisation(features, ref.train, ref.novelty_unit, e.memorisation_threshold)
     tensors = {"images": images, "features": features, "novelty": mem.novelty, "nearest_index": mem.nearest_index}
     if logits is not None:

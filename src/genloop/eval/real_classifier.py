@@ -124,7 +124,7 @@ def _accuracy(clf: RealClassifier, data: ImageSet) -> float:
 
 def real_classifier(cfg: Params, ws: Workspace) -> RealClassifier | None:
     """The classifier of the current data version (cached, else trained); None for unlabelled data."""
-    train = load_split(ws, "train")
+    train = load_split(ws, "train", memory_budget_gb=cfg.evaluate.memory_budget_gb)
     if train.labels is None:
         return None
     epochs = cfg.evaluate.classifier_epochs
@@ -145,7 +145,7 @@ def real_classifier(cfg: Params, ws: Workspace) -> RealClassifier | None:
         log.info("real classifier: cached (%s)", key[:8])
         return RealClassifier(module, train.classes, json.loads(meta_path.read_text())["holdout_accuracy"], path)
     _fit(module, train, epochs, seed=cfg.evaluate.seed)
-    holdout = load_split(ws, "holdout", classes=train.classes)
+    holdout = load_split(ws, "holdout", classes=train.classes, memory_budget_gb=cfg.evaluate.memory_budget_gb)
     clf = RealClassifier(module, train.classes, float("nan"), path)
     accuracy = _accuracy(clf, holdout) if holdout.labels is not None else float("nan")
     with atomic_path(path) as tmp:

@@ -23,9 +23,11 @@ import copy
 import numpy as np
 import torch
 
+from genloop.eval.distance_blocks import block_rows
+
 # Hand-written on torch.cdist rather than prdc: prdc builds the full N x N real distance matrix in
 # numpy (60,000 MNIST digits: 29 GB) and has no realism score; here the distances come in chunks of
-# `_CHUNK` rows, so memory stays at _CHUNK x N.
+# `_CHUNK` rows (fewer for a large N: genloop.eval.distance_blocks), so memory stays bounded.
 _CHUNK = 512
 
 
@@ -35,8 +37,9 @@ def knn_radii(real: torch.Tensor, k: int) -> torch.Tensor:
     if len(real) <= k:
         raise ValueError(f"the k-NN realism score needs more than k={k} real training images, got {len(real)}")
     # k + 1: each point is its own nearest neighbour at distance 0 (as prdc counts it)
-    return torch.cat([torch.cdist(real[i : i + _CHUNK], real).topk(k + 1, dim=1, largest=False).values[:, k]
-                      for i in range(0, len(real), _CHUNK)])
+    rows = block_rows(len(real), _CHUNK)
+    return torch.cat([torch.cdist(real[i : i + rows], real).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for i in range(0, len(real), rows)])
 
 
 @torch.no_grad()
@@ -44,8 +47,9 @@ def knn_realism(feats: torch.Tensor, real: torch.Tensor, radii: torch.Tensor) ->
     """R(f) = max over real r of radius_k(r) / ||f - r|| for each row f of `feats` (larger: more real)."""
     if len(feats) == 0:
         return torch.empty(0)
-    return torch.cat([(radii[None] / torch.cdist(feats[i : i + _CHUNK], real).clamp_min(1e-12)).amax(dim=1)
-                      for i in range(0, len(feats), _CHUNK)])
+    rows = block_rows(len(real), _CHUNK)
+    return torch.cat([(radii[None] / torch.cdist(feats[i : i + rows], real).clamp_min(1e-12)).amax(dim=1)
+                      for i in range(0, len(feats), rows)])
 
 
 class RealismScorer:

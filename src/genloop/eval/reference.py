@@ -54,8 +54,8 @@ def reference_key(ws: Workspace, extractor: Extractor, n_holdout: int, n_train: 
 def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Reference, ImageSet]:
     """The reference statistics for this data version and extractor (cached), plus the
     training images (the memorisation grid shows them beside their nearest samples)."""
-    holdout_set = load_split(ws, "holdout")
-    train_set = load_split(ws, "train")
+    holdout_set = load_split(ws, "holdout", memory_budget_gb=cfg.evaluate.memory_budget_gb)
+    train_set = load_split(ws, "train", memory_budget_gb=cfg.evaluate.memory_budget_gb)
     n_samples = cfg.evaluate.n_samples
     key = reference_key(ws, extractor, len(holdout_set), len(train_set), n_samples)
     path = ws.judge_cache / "reference" / f"{key}.pt"

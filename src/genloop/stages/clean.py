@@ -11,8 +11,9 @@ data/raw decodes nothing again.
 
 The corpus mode: `data.mode` L or RGB as set, or with `auto` RGB when any image clean keeps has
 colour (`genloop.core.images.finish`, judged on the fitted image) and L when every one is
-grey, decided over the whole corpus on every run. The decision reuses the per-file decode: the colour of each file is cached
-with its result, files new to the cache are cleaned as grey until a chunk with colour turns up,
+grey, decided over the whole corpus on every run. The decision reuses the per-file decode: the
+colour of each file is cached with its result, files new to the cache are cleaned as grey until a
+chunk with colour turns up,
 and then every file is cleaned in RGB (a grey corpus is decoded once, a colour corpus once plus
 the chunks before its first colour one).
 

@@ -68,9 +68,10 @@ def _score(cfg: Params, ws: Workspace, batch: pd.DataFrame,
     o = cfg.optimize
     images = torch.from_numpy(np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]))
     extractor = get_extractor(cfg, ws)  # the evaluation's extractor: realism is judged as evaluation judges
-    train_set = load_split(ws, "train")
+    budget = cfg.evaluate.memory_budget_gb
+    train_set = load_split(ws, "train", memory_budget_gb=budget)
     train_feats = embed(extractor.module, train_set.images)
-    holdout_feats = embed(extractor.module, load_split(ws, "holdout").images)
+    holdout_feats = embed(extractor.module, load_split(ws, "holdout", memory_budget_gb=budget).images)
     scale = novelty_scale(holdout_feats, train_feats)
     feats = embed(extractor.module, images)
     dist, idx = nearest(feats, train_feats)
