@@ -173,13 +173,16 @@ def running_cluster(workdir: Path, workers: int) -> Iterator[str]:
     infra/ runs them; yields the scheduler's address once every worker has joined."""
     from distributed import Client
 
+    from genloop.core.chunk_map import DASK_WORKERS_CONFIG
+
     bin_dir = Path(sys.executable).parent
+    env = os.environ | {"DASK_CONFIG": str(DASK_WORKERS_CONFIG)}  # as the image's /etc/dask/genloop.yaml
     scheduler_file = workdir / "dask-scheduler.json"
     scheduler_file.unlink(missing_ok=True)
     logs = open(workdir / "dask-cluster.log", "w")  # noqa: SIM115 - closed below, after the processes
     procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
-                              stdout=logs, stderr=subprocess.STDOUT)]
+                              stdout=logs, stderr=subprocess.STDOUT, env=env)]
     try:
         while not scheduler_file.exists():
             if procs[0].poll() is not None:
@@ -187,7 +190,8 @@ def running_cluster(workdir: Path, workers: int) -> Iterator[str]:
             time.sleep(0.2)
         procs.append(subprocess.Popen([str(bin_dir / "dask"), "worker", "--scheduler-file", str(scheduler_file),
                                        "--nworkers", str(workers), "--nthreads", "1", "--host", "127.0.0.1",
-                                       "--dashboard-address", "127.0.0.1:0"], stdout=logs, stderr=subprocess.STDOUT))
+                                       "--dashboard-address", "127.0.0.1:0"], stdout=logs, stderr=subprocess.STDOUT,
+                                      env=env))
         with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
             client.wait_for_workers(workers, timeout=120)
             address = client.scheduler.address

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from genloop.core.chunk_map import DASK_WORKERS_CONFIG
 from tests.conftest import free_port
 from tests.helpers import BIN, TINY, cli_env, make_workspace, run_cli
 
@@ -139,16 +140,17 @@ def stack(tmp_path: Path, postgres: str, moto_server: str) -> Iterator[dict[str,
                        f"postgresql+asyncpg://{USER}:{PASSWORD}@{postgres}/prefect"}
         procs.append(_start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                              str(ports["prefect"])], logs / "prefect.log", prefect_env, ws))
+        dask_env = {**base, "DASK_CONFIG": str(DASK_WORKERS_CONFIG)}  # as the image's /etc/dask/genloop.yaml
         procs.append(_start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(ports["dask"]),
                              "--dashboard-address", f"127.0.0.1:{ports['dask_http']}"], logs / "dask-scheduler.log",
-                            base, ws))
+                            dask_env, ws))
         _wait_http(f"{mlflow_url}/health", procs[0], logs / "mlflow.log")
         _wait_http(f"{prefect_api}/health", procs[1], logs / "prefect.log")
         _wait_http(f"http://127.0.0.1:{ports['dask_http']}/health", procs[2], logs / "dask-scheduler.log")
         dask_address = f"tcp://127.0.0.1:{ports['dask']}"
         procs.append(_start([str(BIN / "dask"), "worker", dask_address, "--nworkers", "2", "--nthreads", "1",
                              "--dashboard-address", "127.0.0.1:0", "--host", "127.0.0.1"], logs / "dask-worker.log",
-                            base, ws))  # as infra/ runs them: no Prefect settings, the chunks are plain Dask tasks
+                            dask_env, ws))  # as infra/ runs them: no Prefect settings, the chunks are plain Dask tasks
         worker_env = {**base, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_url,
                       "MLFLOW_REGISTRY_URI": mlflow_url, "GENLOOP_S3_ENDPOINT_URL": moto_server,
                       "GENLOOP_DVC_REMOTE": "s3://genloop-data/dvc"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genloop.core.chunk_map import chunk_map, chunked
+from genloop.core.chunk_map import chunk_map, chunked, dask_settings
 from genloop.core.config import ParallelParams
 from genloop.core.errors import GenloopError
 
@@ -66,3 +66,20 @@ def test_stop_ends_the_map_early_and_returns_only_finished_chunks_in_order(engin
     assert len(out) < len(chunks)  # the rest was cancelled
     assert all(r in [square_all(c) for c in chunks] for r in out)
     assert out == sorted(out)  # chunk order
+
+
+def test_the_dask_worker_settings_change_only_what_they_name() -> None:
+    """Applied as dotted keys: the nanny spawns workers without MALLOC_TRIM_THRESHOLD_ (so glibc keeps
+    its own mmap threshold) and with the profiler off, and the rest of Dask's settings stay."""
+    import dask
+    from distributed.nanny import _get_env_variables
+
+    before = dask.config.get("distributed.scheduler.work-stealing")
+    assert "MALLOC_TRIM_THRESHOLD_" in _get_env_variables("distributed.nanny.pre-spawn-environ")
+    with dask.config.set(dask_settings()):
+        spawn_env = _get_env_variables("distributed.nanny.pre-spawn-environ")
+        assert "MALLOC_TRIM_THRESHOLD_" not in spawn_env and spawn_env["OMP_NUM_THREADS"] == "1"
+        assert dask.config.get("distributed.worker.profile.enabled") is False
+        assert dask.config.get("distributed.worker.profile.interval") == "10ms"  # a sibling left alone
+        assert dask.config.get("distributed.scheduler.work-stealing") == before
+    assert dask.config.get("distributed.worker.profile.enabled") is True

@@ -29,7 +29,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from genloop.core.config import ParallelParams
 from genloop.core.errors import GenloopError
@@ -40,6 +43,19 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
+DASK_WORKERS_CONFIG = Path(__file__).with_name("dask_workers.yaml")  # why each setting: see the file
+
+
+def dask_settings(path: Path = DASK_WORKERS_CONFIG) -> dict[str, Any]:
+    """The file's settings as dotted keys, the form `dask.config.set` assigns one by one (a nested
+    dict would replace the whole `distributed` section)."""
+    def flat(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return out
+
+    return flat(yaml.safe_load(path.read_text()), "")
 
 
 def chunked(items: Sequence[C], size: int) -> list[list[C]]:
@@ -155,10 +171,12 @@ def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
     cluster: Any = None
     address = settings.address
     if address is None:
+        import dask
         from distributed import LocalCluster
 
-        cluster = LocalCluster(n_workers=settings.worker_count(), threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING)
+        with dask.config.set(dask_settings()):  # the nannies pass them on to the workers they spawn
+            cluster = LocalCluster(n_workers=settings.worker_count(), threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING)
         address = cluster.scheduler_address
 
     @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
