@@ -80,11 +80,11 @@ def _bare_one(paths: list[str], resolution: int) -> int:
 
 
 def bare_reference(raw: Path, resolution: int, workers: int) -> float:
-    """Seconds for the bare loop over every file the ledger of `raw` (a workspace's data/raw)
-    lists, one process per core."""
+    """Seconds for the bare loop over every file a workspace's ledger lists (the files in `raw`,
+    its data/raw), one process per core."""
     from genloop.core.manifest import read_ledger
 
-    paths = sorted(str(raw / f) for f in read_ledger(raw / "ledger.parquet")["file"])
+    paths = sorted(str(raw / f) for f in read_ledger(raw.parent / "ledger.parquet")["file"])
     chunks = [paths[i::workers] for i in range(workers)]
     start = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:

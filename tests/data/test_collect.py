@@ -51,7 +51,7 @@ def source(uri: str | Path, **extra: object) -> str:
 
 
 def raw_files(ws: Workspace) -> list[Path]:
-    return sorted(p for p in ws.raw.rglob("*") if p.is_file() and p.name != "ledger.parquet")
+    return sorted(p for p in ws.raw.rglob("*") if p.is_file())  # the ledger lives beside data/raw
 
 
 def assert_content_addressed(ws: Workspace, ledger: pd.DataFrame) -> None:
@@ -199,10 +199,13 @@ def test_file_instead_of_directory(tmp_path: Path) -> None:
 
 
 def _dvc_md5(ws: Workspace) -> str:
+    """data.dvc's md5 of data/raw and data/ledger.parquet.dvc's of the ledger, as data_version joins them."""
     doc = yaml.safe_load(ws.data_dvc.read_text())
     assert len(doc["outs"]) == 1
     assert doc["outs"][0]["path"] == "data/raw"
-    return str(doc["outs"][0]["md5"])
+    ledger = yaml.safe_load(ws.ledger_dvc.read_text())
+    assert [o["path"] for o in ledger["outs"]] == ["ledger.parquet"]
+    return f"{doc['outs'][0]['md5']}+{ledger['outs'][0]['md5']}"
 
 
 def test_dvc_add_tracks_data_raw_in_top_level_data_dvc(tmp_path: Path) -> None:
@@ -222,7 +225,8 @@ def test_dvc_add_tracks_data_raw_in_top_level_data_dvc(tmp_path: Path) -> None:
     assert not (root / "data" / "raw.dvc").exists()
     md5 = _dvc_md5(ws)
     assert first["data_version"] == md5
-    assert "/raw" in (root / "data" / ".gitignore").read_text()
+    assert {"/raw", "/ledger.parquet"} <= set((root / "data" / ".gitignore").read_text().split())
+    assert not (ws.raw / "ledger.parquet").exists()  # beside data/raw, not in it (see the repro test)
 
     # nothing new: data.dvc names the same version
     second = collect.run(cfg, ws)
@@ -238,15 +242,44 @@ def test_dvc_add_tracks_data_raw_in_top_level_data_dvc(tmp_path: Path) -> None:
     assert new_md5 != md5 and third["data_version"] == new_md5
     assert not (root / "data" / "raw.dvc").exists()
 
-    # DVC itself agrees that data.dvc matches the workspace
+    # DVC itself agrees that data.dvc and the ledger's .dvc match the workspace
     status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json", "data.dvc"],
+        [sys.executable, "-m", "dvc", "status", "--json", "data.dvc", "data/ledger.parquet.dvc"],
         cwd=root,
         capture_output=True,
         text=True,
         check=True,
     )
     assert status.stdout.strip() == "{}"
+
+
+def test_a_ledger_left_inside_data_raw_moves_beside_it_and_clean_says_so_until_then(tmp_path: Path) -> None:
+    from genloop.core.errors import GenloopError, StageInputMissing
+    from genloop.stages import clean
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in range(3):
+        (src / f"{seed}.png").write_bytes(tiny_png(seed))
+    ws = Workspace.at(tmp_path / "ws")
+    cfg = params(source(src))
+    collect.run(cfg, ws)
+    ws.ledger.rename(ws.legacy_ledger)  # where genloop kept it before: inside data/raw
+    named = read_ledger(ws.legacy_ledger)
+    with pytest.raises(StageInputMissing, match="collect moves it"):
+        clean.run(cfg, ws)
+
+    (src / "new.png").write_bytes(tiny_png(100))
+    assert collect.run(cfg, ws)["added"] == 1
+    assert not ws.legacy_ledger.exists()
+    ledger = read_ledger(ws.ledger)
+    assert ledger.iloc[:3].equals(named) and len(ledger) == 4  # the old rows kept, the new one added
+    assert_content_addressed(ws, ledger)
+
+    ws.legacy_ledger.write_bytes(ws.ledger.read_bytes())  # two ledgers: genloop does not pick one
+    with pytest.raises(GenloopError, match="two ledgers"):
+        collect.run(cfg, ws)
+    assert read_ledger(ws.ledger).equals(ledger) and ws.legacy_ledger.exists()
 
 
 def test_dvc_add_outside_a_dvc_repo_says_what_to_do(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The repository's data.dvc is the built-in corpus: a fresh clone's `genloop collect` rebuilds it exactly."""
+"""The repository's data.dvc and data/ledger.parquet.dvc are the built-in corpus: a fresh clone's
+`genloop collect` rebuilds them exactly."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ def test_collect_with_the_default_params_reproduces_the_committed_data_dvc(tmp_p
         subprocess.run(cmd, cwd=tmp_path, check=True, env=cli_env(tmp_path))
     cfg = load_params(ROOT / "params.yaml", [])
     summary = collect.run(cfg, Workspace.at(tmp_path))
-    committed = yaml.safe_load((ROOT / "data.dvc").read_text())
-    rebuilt = yaml.safe_load((tmp_path / "data.dvc").read_text())
-    assert rebuilt == committed, "genloop collect on the default params no longer gives the committed data.dvc"
-    assert summary["data_version"] == committed["outs"][0]["md5"]
+    versions = []
+    for name in ("data.dvc", "data/ledger.parquet.dvc"):
+        committed = yaml.safe_load((ROOT / name).read_text())
+        rebuilt = yaml.safe_load((tmp_path / name).read_text())
+        assert rebuilt == committed, f"genloop collect on the default params no longer gives the committed {name}"
+        versions.append(committed["outs"][0]["md5"])
+    assert summary["data_version"] == "+".join(versions)

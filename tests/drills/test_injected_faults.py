@@ -317,9 +317,8 @@ def test_collect_rides_out_transient_s3_faults_with_bounded_retries(tmp_path: Pa
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["added"] == len(keys) and summary["sources"][uri] == {"offered": 12, "added": 12}
     pd.testing.assert_frame_equal(ledger_rows(ws), ledger_rows(reference.root))
-    strip = lambda files: {k: v for k, v in files.items() if k != "ledger.parquet"}  # noqa: E731
-    assert strip(folder(ws / "data" / "raw")) == strip(folder(reference.raw))
-    assert (ws / "data.dvc").exists()
+    assert folder(ws / "data" / "raw") == folder(reference.raw)  # the ledger lives beside data/raw
+    assert (ws / "data.dvc").exists() and (ws / "data" / "ledger.parquet.dvc").exists()
 
     seen = faults.seen
     injected = [s for s in seen if s.outcome != "forwarded"]
@@ -343,9 +342,9 @@ def test_collect_gives_up_on_persistent_s3_faults_and_leaves_no_partial_version(
     ws = git_dvc_workspace(tmp_path / "ws", [f"collect.sources=['{uri}']"])
     env = cli_env(ws, GENLOOP_S3_ENDPOINT_URL=proxy.url, **AWS)
     run_cli([str(BIN / "genloop"), "collect"], ws, env, timeout=300)  # version 1, fault-free
-    watched = ("data/raw", "data.dvc", "reports/collect.json")
+    watched = ("data/raw", "data/ledger.parquet", "data/ledger.parquet.dvc", "data.dvc", "reports/collect.json")
     before = snapshot(ws, *watched)
-    assert len(before) == 8 + 1 + 1 + 1  # the files, the ledger, data.dvc, the report
+    assert len(before) == 8 + 1 + 1 + 1 + 1  # the files, the ledger and its .dvc, data.dvc, the report
 
     new = fill_bucket(moto_server, bucket, range(8, 14))  # more objects: the next version
     gets = 0

@@ -21,7 +21,7 @@ def ws(tmp_path: Path) -> Workspace:
     ws = Workspace.at(tmp_path)
     (ws.raw / "ab").mkdir(parents=True)
     (ws.raw / "ab" / "abc.png").write_bytes(b"one")
-    (ws.raw / "ledger.parquet").write_bytes(b"ledger")
+    ws.ledger.write_bytes(b"ledger")
     return ws
 
 
@@ -53,7 +53,7 @@ def test_key_changes_with_input_content_and_own_params_only(ws: Workspace):
     # rewrites it; a folder walk (10 s of every no-op `dvc repro` at 100k files) is not needed
     (ws.raw / "ab" / "abd.png").write_bytes(b"two")
     assert cache_policy.stage_key("clean", cfg, ws) == key
-    (ws.raw / "ledger.parquet").write_bytes(b"ledger naming abd.png too")
+    ws.ledger.write_bytes(b"ledger naming abd.png too")
     assert cache_policy.stage_key("clean", cfg, ws) != key
 
 

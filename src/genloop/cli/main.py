@@ -173,18 +173,21 @@ def _transfer_data(verb: str, workspace: Path, verbose: bool) -> None:
     except GenloopError as exc:
         fail(exc)
         return
-    typer.echo(f"{verb}: data.dvc {'to' if verb == 'push' else 'from'} DVC remote {remote.name!r} ({remote.url})")
+    what = " and ".join(dvc_remote.data_targets(workspace.resolve()))
+    typer.echo(f"{verb}: {what} {'to' if verb == 'push' else 'from'} DVC remote {remote.name!r} ({remote.url})")
 
 
 @app.command("push")
 def push_data(workspace: WorkspaceOpt = Path("."), verbose: VerboseOpt = False) -> None:
-    """`dvc push data.dvc` to the default DVC remote, with genloop's S3 endpoint (GENLOOP_S3_ENDPOINT_URL)."""
+    """`dvc push` the data version (data.dvc, data/ledger.parquet.dvc) to the default DVC remote,
+    with genloop's S3 endpoint (GENLOOP_S3_ENDPOINT_URL)."""
     _transfer_data("push", workspace, verbose)
 
 
 @app.command("pull")
 def pull_data(workspace: WorkspaceOpt = Path("."), verbose: VerboseOpt = False) -> None:
-    """Restore data/raw from the default DVC remote (`dvc pull data.dvc`, genloop's S3 endpoint): on a fresh clone."""
+    """Restore data/raw and its ledger from the default DVC remote (`dvc pull data.dvc
+    data/ledger.parquet.dvc`, genloop's S3 endpoint): on a fresh clone."""
     _transfer_data("pull", workspace, verbose)
 
 

@@ -10,15 +10,23 @@ import yaml
 from genloop.core.workspace import Workspace
 
 
+def _recorded_md5(dvc_file: Path) -> str | None:
+    """The md5 a .dvc file records for its (first) output; None without the file or an md5."""
+    if not dvc_file.exists():
+        return None
+    doc = yaml.safe_load(dvc_file.read_text()) or {}
+    return next((str(out["md5"]) for out in doc.get("outs", []) if out.get("md5")), None)
+
+
 def data_version(ws: Workspace) -> str:
-    """The md5 that data.dvc records for data/raw, or 'untracked' when there is none."""
-    if not ws.data_dvc.exists():
+    """What data.dvc records for data/raw, joined with what data/ledger.parquet.dvc records for the
+    ledger (`<raw md5>.dir+<ledger md5>`): roles and labels live in the ledger only. 'untracked'
+    without data.dvc; the raw md5 alone where the ledger is still inside data/raw."""
+    raw = _recorded_md5(ws.data_dvc)
+    if raw is None:
         return "untracked"
-    doc = yaml.safe_load(ws.data_dvc.read_text()) or {}
-    for out in doc.get("outs", []):
-        if out.get("md5"):
-            return str(out["md5"])
-    return "untracked"
+    ledger = _recorded_md5(ws.ledger_dvc)
+    return f"{raw}+{ledger}" if ledger else raw
 
 
 def git_commit(root: Path) -> str:

@@ -24,11 +24,23 @@ class Workspace:
 
     @property
     def ledger(self) -> Path:
+        """The table naming every raw file (beside data/raw, not in it: see `ledger_dvc`)."""
+        return self.root / "data" / "ledger.parquet"
+
+    @property
+    def legacy_ledger(self) -> Path:
+        """Where the ledger lived before it moved out of data/raw; collect moves it."""
         return self.raw / "ledger.parquet"
 
     @property
     def data_dvc(self) -> Path:
         return self.root / "data.dvc"
+
+    @property
+    def ledger_dvc(self) -> Path:
+        """The ledger's own .dvc file. clean depends on the ledger, so with the ledger outside
+        data/raw a no-op `dvc repro` never walks data/raw's files (data.dvc's output)."""
+        return self.root / "data" / "ledger.parquet.dvc"
 
     @property
     def clean(self) -> Path:

@@ -120,40 +120,54 @@ def _fix_hint(remote: Remote) -> str:
     return f"Check {fix} and the AWS credentials in the environment."
 
 
-def _transfer(root: Path, verb: str, target: str, remote: Remote | None) -> Remote:
+# What a data version is: data/raw's files (data.dvc) and the ledger naming them (its own .dvc).
+DATA_DVC = "data.dvc"
+LEDGER_DVC = "data/ledger.parquet.dvc"
+
+
+def data_targets(root: Path) -> list[str]:
+    """The .dvc files of the data version; the ledger's is absent where an older genloop kept
+    the ledger inside data/raw (data.dvc then versions both)."""
+    if not (root / DATA_DVC).exists():
+        raise RemoteError(f"{root / DATA_DVC} not found: run `genloop collect` (collect.dvc_add=true) and commit it")
+    return [DATA_DVC, *([LEDGER_DVC] if (root / LEDGER_DVC).exists() else [])]
+
+
+def _transfer(root: Path, verb: str, remote: Remote | None) -> Remote:
     root = Path(root)
     _require_repo(root)
-    if not (root / target).exists():
-        raise RemoteError(f"{root / target} not found: run `genloop collect` (collect.dvc_add=true) and commit it")
+    targets = data_targets(root)
+    what = " and ".join(targets)
     remote = remote or default_remote(root)
     if remote is None:
         raise RemoteError(
-            f"cannot {verb} {target}: the DVC repository {root} has no default remote; "
+            f"cannot {verb} {what}: the DVC repository {root} has no default remote; "
             "run `dvc remote add -d <name> <url>` there (e.g. s3://bucket/dvc)"
         )
     env, where = _env_for(remote)
-    log.info("dvc %s %s: remote %r (%s)%s", verb, target, remote.name, remote.url, where)
-    done = _dvc(root, verb, "--remote", remote.name, target, env=env)
+    log.info("dvc %s %s: remote %r (%s)%s", verb, what, remote.name, remote.url, where)
+    done = _dvc(root, verb, "--remote", remote.name, *targets, env=env)
     if done.returncode != 0:
         output = _redact((done.stderr + done.stdout).strip())
         error = RemoteUnreachable if _TRANSIENT.search(output) else RemoteError
         preposition = "to" if verb == "push" else "from"
         raise error(
-            f"cannot {verb} {target} {preposition} DVC remote {remote.name!r} ({remote.url}){where}:\n"
+            f"cannot {verb} {what} {preposition} DVC remote {remote.name!r} ({remote.url}){where}:\n"
             f"{output}\n{_fix_hint(remote)}"
         )
     return remote
 
 
-def push(root: Path, target: str = "data.dvc", remote: Remote | None = None) -> Remote:
-    """`dvc push <target>` to `remote` (default: the repo's default remote); returns the remote used.
+def push(root: Path, remote: Remote | None = None) -> Remote:
+    """`dvc push` of the data version (data.dvc and the ledger's .dvc) to `remote` (default: the
+    repo's default remote); returns the remote used.
 
     Raises RemoteUnreachable when the remote did not answer (retry later), RemoteError otherwise.
     """
-    return _transfer(root, "push", target, remote)
+    return _transfer(root, "push", remote)
 
 
-def pull(root: Path, target: str = "data.dvc", remote: Remote | None = None) -> Remote:
-    """`dvc pull <target>`: fetch the version `target` names from the remote and check it out
-    (a fresh clone gets data/raw back); returns the remote used. Errors as for `push`."""
-    return _transfer(root, "pull", target, remote)
+def pull(root: Path, remote: Remote | None = None) -> Remote:
+    """`dvc pull` of the data version the repository names: fetch it from the remote and check it
+    out (a fresh clone gets data/raw and the ledger back); returns the remote used. Errors as for `push`."""
+    return _transfer(root, "pull", remote)

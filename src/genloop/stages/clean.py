@@ -288,7 +288,9 @@ def _report(ledger: pd.DataFrame, kept: pd.DataFrame, rejected: pd.DataFrame, du
 def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     """Clean data/raw into data/clean + data/manifest.parquet + reports/clean.json."""
     if not ws.ledger.exists():
-        raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first")
+        moved = f" (it is still in {ws.raw}, where older genloop kept it: collect moves it)" \
+            if ws.legacy_ledger.exists() else ""
+        raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first{moved}")
     restore_interrupted_swap(ws.clean)  # a run killed mid-swap where renames cannot exchange: put it back now
     ledger = read_ledger(ws.ledger, arrow=True)
     negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on

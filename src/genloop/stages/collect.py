@@ -5,8 +5,9 @@ Each new file is stored as data/raw/<sha256[:2]>/<sha256><ext> and gets one ledg
 skipped, so re-collecting a source adds nothing. New files are first written to a staging
 folder (.genloop/cache/collect-staging) and moved into data/raw only once every source was
 read, so a source failing mid-way leaves data/raw, the ledger and data.dvc as they were.
-Afterwards `dvc add data/raw` makes data.dvc name the new version, and `dvc push` sends it
-to the DVC remote (collect.dvc_push).
+The ledger lives beside data/raw (data/ledger.parquet), not in it. Afterwards `dvc add` makes
+data.dvc name data/raw's new version and data/ledger.parquet.dvc the ledger's, and `dvc push`
+sends both to the DVC remote (collect.dvc_push).
 """
 
 from __future__ import annotations
@@ -196,13 +197,16 @@ def _require_dvc_repo(ws: Workspace) -> None:
 
 
 def dvc_add(ws: Workspace) -> None:
-    """`dvc add data/raw`, updating the top-level data.dvc in place."""
+    """`dvc add data/raw data/ledger.parquet`: the top-level data.dvc (updated in place) and the
+    ledger's own data/ledger.parquet.dvc."""
     _require_dvc_repo(ws)
-    cmd = [sys.executable, "-m", "dvc", "add", "--quiet", "data/raw"]
+    ws.raw.mkdir(parents=True, exist_ok=True)  # a collect that found no files still versions the empty corpus
+    targets = [p.relative_to(ws.root).as_posix() for p in (ws.raw, ws.ledger)]
+    cmd = [sys.executable, "-m", "dvc", "add", "--quiet", *targets]
     done = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True)
     if done.returncode != 0:
         output = (done.stderr + done.stdout).strip()
-        raise GenloopError(f"`dvc add data/raw` failed in {ws.root}:\n{output}")
+        raise GenloopError(f"`dvc add {' '.join(targets)}` failed in {ws.root}:\n{output}")
     stray = ws.root / "data" / "raw.dvc"
     if stray.exists():  # DVC wrote data/raw.dvc next to the folder: keep one top-level data.dvc
         doc = stray.read_text().replace("path: raw", "path: data/raw")
@@ -301,12 +305,28 @@ def _read_source(source: Source, staged: _Staged, skipped: list[dict[str, str]])
     return counts
 
 
+def move_legacy_ledger(ws: Workspace) -> None:
+    """Move a ledger that an older genloop kept inside data/raw to data/ledger.parquet.
+
+    Inside data/raw it made data.dvc's output clean's input, so every `dvc repro` walked every
+    raw file (10 s at 100k images) to learn that nothing had changed.
+    """
+    if not ws.legacy_ledger.exists():
+        return
+    if ws.ledger.exists():
+        raise GenloopError(f"two ledgers: {ws.ledger} and {ws.legacy_ledger} (where older genloop kept it); "
+                           f"keep the one that names the files in {ws.raw} and delete the other")
+    os.replace(ws.legacy_ledger, ws.ledger)
+    log.info("moved the ledger from %s to %s", ws.legacy_ledger, ws.ledger)
+
+
 def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     """Collect every source into data/raw; return counts per source and the data version.
 
     All or nothing: new files are staged and published only after every source was read.
     """
     remote = _check_before_work(cfg, ws)
+    move_legacy_ledger(ws)
     ledger = read_ledger(ws.ledger)
     feedback = next((s for s in cfg.collect.sources if s.uri == FEEDBACK_SOURCE), None)
     per_source: dict[str, dict[str, int]] = {}
@@ -339,7 +359,7 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
     if cfg.collect.dvc_add:
         dvc_add(ws)
     if remote is not None:
-        push(ws.root, "data.dvc", remote)
+        push(ws.root, remote=remote)
     summary: dict[str, object] = {
         "sources": per_source,
         "added": len(rows),

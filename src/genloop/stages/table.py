@@ -91,8 +91,10 @@ STAGES: tuple[Stage, ...] = (
           "Decode, convert, resize and dedupe data/raw into data/clean + data/manifest.parquet.",
           # the ledger, not the folder: it names every raw file by its sha256 (the files are
           # content-addressed), so it changes whenever data/raw's content does, and DVC and the
-          # flow's cache key read one file instead of walking 100k (10 s of `dvc repro` at 100k)
-          inputs=("data/raw/ledger.parquet",), params=("data", "clean"),
+          # flow's cache key read one file instead of walking 100k. It lives beside data/raw, so
+          # data.dvc is not upstream of clean and a no-op `dvc repro` never walks data/raw
+          # (9.4 s -> 1.3 s at 100k; `dvc status data.dvc` still checks every file)
+          inputs=("data/ledger.parquet",), params=("data", "clean"),
           outputs=("data/clean", "data/manifest.parquet", "reports/clean.json"), cacheable=True),
     Stage("validate", _validate,
           "Great Expectations gate on the manifest; a failure stops the loop before training.",
