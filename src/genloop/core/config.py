@@ -461,7 +461,7 @@ class LoopParams(_Section):
 
 
 class ParallelParams(_Section):
-    """How the chunked stages (clean) spread their work. Never part of a cache key or of dvc.yaml's
+    """How the chunked stages (clean, generate) spread their work. Never part of a cache key or of dvc.yaml's
     params: every engine produces the same outputs."""
 
     engine: Literal["processes", "dask", "serial"] = Field(
@@ -479,7 +479,8 @@ class ParallelParams(_Section):
     )
     chunk_size: int = Field(
         512, ge=1,
-        description="files per chunk (and clean shard), on every engine: the unit that is retried when a worker dies",
+        description="files per chunk (and clean shard), images per generate chunk (whole batches, at least one), "
+                    "on every engine: the unit that is retried when a worker dies",
     )
 
     @field_validator("workers")

@@ -1,5 +1,9 @@
 """generate: load `models:/<name>@champion` through mlflow.pyfunc and write PNGs.
 
+The batches are chunks mapped on the engine `parallel.engine` names (`generate_chunk`: one process
+per core by default, Dask, or this process; on a GPU, this process), each loading the champion's
+state dict that this stage saves once.
+
 Images land in outputs/generated/<model version>/ with manifest.parquet (file, seed,
 model name, version, label) so every image can be traced to the model that made it. With
 `generate.sink` set, the finished folder is also uploaded to <sink>/<model version>/, the
@@ -9,19 +13,24 @@ manifest last so that its presence marks a complete batch.
 from __future__ import annotations
 
 import logging
+import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from PIL import Image
 
-from genloop.core.config import Params
+from genloop.core.chunk_map import chunk_map, chunked, engine_summary
+from genloop.core.config import ParallelParams, Params
 from genloop.core.errors import GenloopError
 from genloop.core.grids import make_grid
 from genloop.core.progress import Progress
-from genloop.core.storage import atomic_outputs, join_s3_uri, upload_dir
+from genloop.core.storage import atomic_outputs, join_s3_uri, temp_dir, upload_dir
 from genloop.core.workspace import Workspace
 from genloop.mlops import tracking
+from genloop.models import save_generator
+from genloop.stages.generate_chunk import GenerateJob, batch_starts, generate_chunk
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +54,14 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     """Write `generate.n` images from the champion to outputs/generated/<version>/."""
     g = cfg.generate
     model, version = load_champion(cfg, ws)
-    spec = model.unwrap_python_model().spec
-    classes = spec.classes
-    rows: list[dict[str, Any]] = []
+    champion = model.unwrap_python_model()
     target = ws.generated / version
     sink = join_s3_uri(g.sink, version) if g.sink else None
     # the folder and the report are published together, after the upload: a failure anywhere
     # (a full disk, an unwritable sink) leaves the previous batch and report as they were
     with atomic_outputs() as out:
         tmp = out.folder(target)
-        with Progress("generate", g.n, "images") as bar:
-            _generate(cfg, model, classes, version, tmp, bar, rows)
+        rows = _generate(cfg, ws, champion, version, tmp)
         uploaded = upload_dir(tmp, sink) if sink else []
         summary = {"model_name": cfg.registry.model_name, "model_version": version, "n": len(rows),
                    "folder": str(target), "seed": g.seed, "sink": sink, "sink_objects": len(uploaded)}
@@ -64,29 +70,48 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     return summary
 
 
-def _generate(cfg: Params, model: Any, classes: list[str], version: str, tmp: Path, bar: Progress,
-              rows: list[dict[str, Any]]) -> None:
-    """Write the batch's PNGs into the folder `tmp`, then its manifest.parquet and grid.png."""
+def plan_chunks(cfg: Params, n_batches: int) -> tuple[ParallelParams, str, int, int]:
+    """(engine settings, device, batches per chunk, torch threads per chunk). On a GPU the batches
+    run in this process, one after another on the device; on CPUs they are spread over the
+    engine's workers, each with its share of the cores."""
+    import torch
+
+    per_chunk = max(1, cfg.parallel.chunk_size // cfg.generate.batch_size)
+    chunks = -(-n_batches // per_chunk)
+    if torch.cuda.is_available():
+        return cfg.parallel.model_copy(update={"engine": "serial"}), "cuda", per_chunk, torch.get_num_threads()
+    if cfg.parallel.engine == "serial" or chunks <= 1:  # chunk_map runs a single chunk in this process
+        return cfg.parallel, "cpu", per_chunk, torch.get_num_threads()
+    if cfg.parallel.engine == "dask":  # a Dask worker runs one chunk per thread (genloop's clusters: one)
+        return cfg.parallel, "cpu", per_chunk, 1
+    workers = min(cfg.parallel.worker_count(), chunks)
+    return cfg.parallel, "cpu", per_chunk, max(1, cfg.parallel.worker_count() // workers)
+
+
+def _generate(cfg: Params, ws: Workspace, champion: Any, version: str, tmp: Path) -> list[dict[str, Any]]:
+    """Write the batch's PNGs into the folder `tmp` (chunks of batches on the engine
+    `parallel.engine` names), then its manifest.parquet and grid.png; the manifest's rows."""
     import numpy as np
 
     g = cfg.generate
-    grid_images: list[Any] = []
-    for start in range(0, g.n, g.batch_size):
-        count = min(g.batch_size, g.n - start)
-        seed = g.seed + start  # one seed per batch: any batch can be regenerated alone
-        request = {"n": [count], "seed": [seed]}
-        if g.label is not None:
-            request["label"] = [str(g.label)]
-        images = model.predict(pd.DataFrame(request))
-        for i, img in enumerate(images):
-            index = start + i
-            name = f"{index:06d}.png"
-            Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(tmp / name)
-            label = str(g.label) if g.label is not None else (classes[i % len(classes)] if classes else None)
-            rows.append({"file": name, "seed": seed, "index": i, "label": label,
-                         "model_name": cfg.registry.model_name, "model_version": version})
-        if len(grid_images) < 80:
-            grid_images.extend(images[: 80 - len(grid_images)])
-        bar.advance(count)
+    starts = batch_starts(g.n, g.batch_size)
+    settings, device, per_chunk, threads = plan_chunks(cfg, len(starts))
+    weights_dir = temp_dir(ws.cache / "generate" / "champion")
+    try:
+        # the champion as a state dict the chunks load (weights_only): workers need no MLflow
+        save_generator(champion.generator, champion.spec, weights_dir / "generator.pt")
+        job = GenerateJob(weights=(weights_dir / "generator.pt").resolve(), folder=tmp.resolve(), n=g.n,
+                          batch_size=g.batch_size, seed=g.seed, label=None if g.label is None else str(g.label),
+                          device=device, threads=threads)
+        chunks = chunked(starts, per_chunk)
+        log.info("generate: %d images in %d chunks (%s, %s)", g.n, len(chunks), engine_summary(settings), device)
+        with Progress("generate", g.n, "images") as bar:
+            results = chunk_map(partial(generate_chunk, job), chunks, settings, lambda r: bar.advance(len(r)))
+    finally:
+        shutil.rmtree(weights_dir, ignore_errors=True)
+    rows = [r | {"model_name": cfg.registry.model_name, "model_version": version} for chunk in results for r in chunk]
     pd.DataFrame(rows, columns=GENERATED_COLUMNS).to_parquet(tmp / "manifest.parquet", index=False)
-    make_grid(np.stack(grid_images), columns=len(classes) or None, scale=2).save(tmp / "grid.png")
+    first = [np.asarray(Image.open(tmp / str(r["file"]))) for r in rows[:80]]
+    grid = np.stack([a[:, :, None] if a.ndim == 2 else a for a in first])
+    make_grid(grid, columns=len(champion.spec.classes) or None, scale=2).save(tmp / "grid.png")
+    return rows
