@@ -115,6 +115,25 @@ def test_the_domain_extractor_trained_twice_on_one_data_version_is_the_same(data
     assert torch.equal(features[0], features[1])
 
 
+def test_the_domain_extractor_learns_from_at_most_extractor_max_images_in_memory_or_streamed(data_ws, tmp_path):
+    """evaluate.extractor_max_images: a larger train split gives the extractor a seeded subsample
+    (its training time stays flat as the corpus grows); streamed from the shards, the same one."""
+    ws, _, _ = data_ws
+    capped = [*SETTINGS, "evaluate.extractor=domain", "evaluate.extractor_epochs=1",
+              "evaluate.extractor_max_images=100"]
+    holdout = load_split(ws, "holdout").images[:64]
+    runs = []
+    for name, budget in (("memory", "1"), ("streamed", "0")):
+        copy_ws = Workspace.at(tmp_path / name)
+        shutil.copytree(ws.root, copy_ws.root)
+        shutil.rmtree(copy_ws.judge_cache, ignore_errors=True)
+        extractor = get_extractor(load_params(None, [*capped, f"evaluate.memory_budget_gb={budget}"]), copy_ws)
+        meta = json.loads(extractor.path.with_suffix(".json").read_text())
+        runs.append((meta["train_images"], embed(extractor.module, holdout)))
+    assert runs[0][0] == runs[1][0] == 100 < len(load_split(ws, "train"))
+    assert torch.equal(runs[0][1], runs[1][1])  # the same extractor (its file hash names the temp file it was saved as)
+
+
 def test_judges_reading_the_splits_from_their_shards_give_the_numbers_they_give_in_memory(data_ws, tmp_path,
                                                                                          monkeypatch):
     """evaluate.memory_budget_gb=0: the judges read every split batch by batch from data/clean's

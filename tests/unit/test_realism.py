@@ -100,3 +100,26 @@ def test_a_training_copy_scores_top_and_an_empty_holdout_is_refused() -> None:
         RealismScorer(real, unseen[:0])
     with pytest.raises(ValueError, match="more than k=3"):
         RealismScorer(real[:3], unseen)
+
+
+def test_a_bounded_bank_builds_the_manifold_from_a_seeded_share_of_the_training_features() -> None:
+    """knn_radii is quadratic in the training features: above `bank` the manifold is built from a
+    seeded subsample of that many, and unseen images are still placed as the whole bank places them."""
+    gen = torch.Generator().manual_seed(0)
+    real, unseen, query = (torch.randn(n, 4, generator=gen) for n in (1200, 300, 200))
+    whole = RealismScorer(real, unseen)
+    assert torch.equal(RealismScorer(real, unseen, bank=1200, seed=5).train, whole.train)  # at the bound: all
+    bounded = RealismScorer(real, unseen, bank=300, seed=5)
+    assert len(bounded.train) == 150  # 300 drawn, the outlier half left out
+    rows = {tuple(r) for r in real.tolist()}
+    assert all(tuple(r) in rows for r in bounded.train.tolist())
+    assert torch.equal(RealismScorer(real, unseen, bank=300, seed=5).train, bounded.train)  # seeded
+    assert not torch.equal(RealismScorer(real, unseen, bank=300, seed=6).train, bounded.train)
+    # both are percentiles among the same unseen images: fresh real-like images sit mid-scale in
+    # both, in much the same order, and images off the manifold sit near 0 in both
+    from scipy.stats import spearmanr
+
+    assert abs(float(bounded(query).mean()) - float(whole(query).mean())) < 0.05
+    assert spearmanr(bounded(query), whole(query))[0] > 0.6
+    far = torch.randn(200, 4, generator=gen) * 2.5
+    assert float(bounded(far).mean()) < 0.1 and float(whole(far).mean()) < 0.1

@@ -175,3 +175,21 @@ def test_a_chunk_judges_each_image_as_it_would_be_judged_alone(tmp_path: Path) -
                 assert np.array_equal(shard[row["offset"]], alone.pixels)
             assert [r["colour"] for r in rows[:5]] == [False, True, False, None, True]
             assert sum(r["reason"] is not None for r in rows) == 4  # three blanks and the bytes
+
+
+def test_a_subsample_of_a_split_is_the_same_images_in_memory_and_streamed(tmp_path: Path) -> None:
+    from genloop.core.dataset import ImageSet
+
+    expected, names, offsets = shards(tmp_path)
+    resident = torch.from_numpy(expected.transpose(0, 3, 1, 2).copy())
+    labels, ids = torch.arange(len(expected)) % 3, [f"id{i}" for i in range(len(expected))]
+    streamed = ShardedImages(tmp_path, names, offsets)
+    sets = [ImageSet(images, labels, ["a", "b", "c"], ids) for images in (resident, streamed)]
+    assert sets[0].subsample(len(expected), seed=1) is sets[0]  # nothing to leave out
+    small = [s.subsample(6, seed=1) for s in sets]
+    assert isinstance(small[1].images, ShardedImages) and len(small[1]) == 6
+    assert torch.equal(small[0].images, small[1].images[torch.arange(6)])
+    assert small[0].ids == small[1].ids and torch.equal(small[0].labels, small[1].labels)
+    rows = [ids.index(i) for i in small[0].ids]
+    assert rows == sorted(rows) and len(set(rows)) == 6  # kept in row order, no repeats
+    assert torch.equal(small[0].images, resident[rows]) and small[0].ids != sets[0].subsample(6, seed=2).ids

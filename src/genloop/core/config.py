@@ -292,6 +292,16 @@ class EvaluateParams(_Section):
         None, description="local path of torch-fidelity's Inception weights (null: look in the torch hub cache)"
     )
     extractor_epochs: int = Field(3, ge=1)
+    extractor_max_images: int = Field(
+        20000, ge=2,
+        description="the most training images the in-domain extractor learns from: a larger train split gives it "
+                    "a seeded subsample of this many (training grows with the images, 11.5 min at 89k on 2 cores)",
+    )
+    realism_bank: int = Field(
+        20000, ge=2,
+        description="the most training features the k-NN realism manifold is built from (its radii cost grows "
+                    "with the square): a larger train split gives it a seeded subsample of this many",
+    )
     classifier_epochs: int = Field(
         6, ge=1, description="epochs of the independent real-image classifier that judges class consistency"
     )

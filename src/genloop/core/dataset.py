@@ -30,6 +30,16 @@ class ImageSet:
         n, c, h, w = self.images.shape
         return n * c * h * w
 
+    def subsample(self, most: int, seed: int) -> ImageSet:
+        """At most `most` of the images, a seeded choice kept in row order (itself when it has no more)."""
+        if len(self) <= most:
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), most, replace=False))
+        index = torch.from_numpy(rows)
+        images = self.images.subset(rows) if isinstance(self.images, ShardedImages) else self.images[index]
+        labels = self.labels[index] if self.labels is not None else None
+        return ImageSet(images, labels, self.classes, [self.ids[i] for i in rows])
+
     def to(self, device: torch.device) -> ImageSet:
         labels = self.labels.to(device) if self.labels is not None else None
         return ImageSet(self.images.to(device), labels, self.classes, self.ids)

@@ -10,6 +10,7 @@ pickles (`allow_pickle=False`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
@@ -179,6 +180,13 @@ class ShardedImages:
                                         "run `genloop clean` again")
             out[k] = np.frombuffer(data, dtype=np.uint8)
         return torch.from_numpy(out.reshape(len(rows), *self._hwc).transpose(0, 3, 1, 2).copy())
+
+    def subset(self, rows: np.ndarray) -> ShardedImages:
+        """The images of `rows` (row numbers), still read from the shards per batch."""
+        out = copy.copy(self)
+        out._shard, out._row, out._fds = self._shard[rows], self._row[rows], {}
+        out.shape = (len(rows), *self.shape[1:])
+        return out
 
     def close(self) -> None:
         fds = getattr(self, "_fds", {})  # absent when __init__ raised

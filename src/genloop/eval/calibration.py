@@ -187,7 +187,8 @@ def compute(cfg: Params, extractor: Extractor, ref: Reference, train_set: ImageS
     images = train_set.images[:n]
     # the real side of the C2ST and of the curation score: training images outside the judged set
     bank = ref.train[n:] if len(ref.train) - n >= MIN_BANK else ref.train
-    scorer = RealismScorer(bank, ref.holdout, k=cfg.evaluate.pr_neighbourhood)
+    scorer = RealismScorer(bank, ref.holdout, k=cfg.evaluate.pr_neighbourhood, bank=cfg.evaluate.realism_bank,
+                            seed=cfg.evaluate.seed)
     judge = _judges(cfg, ref.holdout, bank, scorer)
     floor = judge(ref.train[:n])
     noise = _noise(cfg, ref.holdout, bank, scorer, ref.train[:n], c.bootstrap, c.seed)

@@ -231,9 +231,11 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
     version = data_version(ws)
     data = load_split(ws, "train", memory_budget_gb=cfg.evaluate.memory_budget_gb)
     channels = data.images.shape[1]
+    # a bounded share of a large split: training time stays flat as the corpus grows
+    data = data.subsample(cfg.evaluate.extractor_max_images, cfg.evaluate.seed)
     key = sha256_bytes(
         f"{version}|{sha256_file(ws.manifest)}|{cfg.data.resolution}|{corpus_mode(ws.manifest)}|"
-        f"{cfg.evaluate.extractor_epochs}|{data.classes}|{RECIPE}".encode()
+        f"{cfg.evaluate.extractor_epochs}|{data.classes}|{len(data)}|{RECIPE}".encode()
     )[:16]
     path = ws.judge_cache / "extractors" / f"{key}.pt"
     with seeded(cfg.evaluate.seed):  # seeded initial weights: one data version, one extractor
@@ -257,7 +259,7 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
         with atomic_path(path) as tmp:
             torch.save(module.state_dict(), tmp)
         write_text_atomic(meta_path, json.dumps({"kind": kind, "data_version": version,
-                                                 "train_accuracy": accuracy}))
+                                                 "train_accuracy": accuracy, "train_images": len(data)}))
     return Extractor(module, kind, path, version, accuracy, reason, sha256_file(path)[:16])
 
 

@@ -55,11 +55,16 @@ def knn_realism(feats: torch.Tensor, real: torch.Tensor, radii: torch.Tensor) ->
 class RealismScorer:
     """Percentile realism against unseen real images: `scorer(feats)` is a tensor in [0, 1]."""
 
-    def __init__(self, train_feats: torch.Tensor, holdout_feats: torch.Tensor, k: int = 3):
+    def __init__(self, train_feats: torch.Tensor, holdout_feats: torch.Tensor, k: int = 3,
+                 bank: int | None = None, seed: int = 0):
+        """`bank`: build the manifold from at most this many training features (a seeded choice):
+        its radii cost grows with the square of their number (89k: minutes; 1M: out of reach)."""
         if len(holdout_feats) == 0:
             raise ValueError("the realism percentile needs holdout images: the holdout split is empty")
         self.k = k
         train = train_feats.float()
+        if bank is not None and len(train) > bank:
+            train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:bank]]
         radii = knn_radii(train, k)
         # As the paper does: the half of the real images with the largest k-NN radii is left out, or a
         # few outliers with huge balls let far-off (heavily degraded) images read as real.

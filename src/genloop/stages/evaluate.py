@@ -97,7 +97,9 @@ def _report(cfg: Params, ws: Workspace, result: GeneratorEval, ref: Reference, e
 
 def curation_score(cfg: Params, ref: Reference, features: torch.Tensor) -> float:
     """The mean curation score (optimize's realism percentile) of a set of features."""
-    return float(RealismScorer(ref.train, ref.holdout, k=cfg.evaluate.pr_neighbourhood)(features).mean())
+    e = cfg.evaluate
+    scorer = RealismScorer(ref.train, ref.holdout, k=e.pr_neighbourhood, bank=e.realism_bank, seed=e.seed)
+    return float(scorer(features).mean())
 
 
 def calibrate(cfg: Params, ws: Workspace, extractor: Extractor, ref: Reference, train_set: ImageSet,

@@ -76,7 +76,8 @@ def _score(cfg: Params, ws: Workspace, batch: pd.DataFrame,
     feats = embed(extractor.module, images)
     dist, idx = nearest(feats, train_feats)
     novelty = (dist / scale).numpy()
-    realism = (RealismScorer(train_feats, holdout_feats)(feats) if o.realism == "knn"
+    bank, seed = cfg.evaluate.realism_bank, cfg.evaluate.seed
+    realism = (RealismScorer(train_feats, holdout_feats, bank=bank, seed=seed)(feats) if o.realism == "knn"
                else cross_fitted_realism(train_feats, feats, seed=o.tune.seed)).numpy()
     scores = batch.assign(
         realism=realism,

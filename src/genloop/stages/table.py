@@ -119,7 +119,7 @@ STAGES: tuple[Stage, ...] = (
           outputs=("outputs/generated", "reports/generate.json")),
     Stage("optimize", _optimize,
           "Score generated images, drop near-copies of training images, keep the best.",
-          inputs=("reports/generate.json", "data/clean", "data/manifest.parquet"), params=("optimize",),
+          inputs=("reports/generate.json", "data/clean", "data/manifest.parquet"), params=("optimize", "evaluate"),
           outputs=("outputs/curated", "reports/optimize.json", "reports/next_params.yaml")),
 )
 
