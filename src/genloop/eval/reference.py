@@ -22,7 +22,8 @@ from genloop.core.dataset import ImageSet, load_split
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
-from genloop.eval.extractors import Extractor, embed, novelty_scale
+from genloop.eval.embed_chunk import embed_split
+from genloop.eval.extractors import Extractor, novelty_scale
 from genloop.eval.metrics import KID_FEATURES, FidAgainst, kid
 from genloop.models import load_torch_file
 
@@ -68,8 +69,8 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
         ref = Reference(key, tensors["holdout"], tensors["train"], meta["train_ids"], meta["novelty_unit"],
                         meta["floor"], cached=True)
         return ref, train_set
-    holdout = embed(extractor.module, holdout_set.images)
-    train = embed(extractor.module, train_set.images)
+    holdout = embed_split(extractor, holdout_set.images, cfg.parallel)  # streamed: chunks on parallel.engine
+    train = embed_split(extractor, train_set.images, cfg.parallel)
     floor_n = min(len(train), max(len(holdout), n_samples))
     kid_mean, _ = kid(holdout, train[:floor_n], cfg.evaluate.kid_subset_size, cfg.evaluate.seed)
     floor = {"fid": FidAgainst(holdout)(train[:floor_n]), "kid_mean": kid_mean, "n": floor_n}

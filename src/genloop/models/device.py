@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from genloop.core.config import ParallelParams
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,27 @@ def runtime(device: str, precision: str, channels_last: str, threads: int = 0) -
     cl = channels_last == "yes" or (channels_last == "auto" and dev.type == "cuda")
     return Runtime(dev, bf16, cl)
 
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_per_chunk(settings: ParallelParams, n_chunks: int) -> int:
+    """torch threads for each chunk of a chunk map: all of this process's when the chunks run here
+    (serial, or a single chunk), one on Dask (a worker runs one chunk per thread; genloop's
+    clusters give each worker one), else the cores shared out among the worker processes. Conv
+    results were checked equal at 1 and 2 threads (bench/README.md), so the share never changes
+    what a chunk computes."""
+    if settings.engine == "serial" or n_chunks <= 1:
+        return torch.get_num_threads()
+    if settings.engine == "dask":
+        return 1
+    return max(1, settings.worker_count() // min(settings.worker_count(), n_chunks))

@@ -76,16 +76,12 @@ def plan_chunks(cfg: Params, n_batches: int) -> tuple[ParallelParams, str, int, 
     engine's workers, each with its share of the cores."""
     import torch
 
+    from genloop.models.device import threads_per_chunk
+
     per_chunk = max(1, cfg.parallel.chunk_size // cfg.generate.batch_size)
-    chunks = -(-n_batches // per_chunk)
     if torch.cuda.is_available():
         return cfg.parallel.model_copy(update={"engine": "serial"}), "cuda", per_chunk, torch.get_num_threads()
-    if cfg.parallel.engine == "serial" or chunks <= 1:  # chunk_map runs a single chunk in this process
-        return cfg.parallel, "cpu", per_chunk, torch.get_num_threads()
-    if cfg.parallel.engine == "dask":  # a Dask worker runs one chunk per thread (genloop's clusters: one)
-        return cfg.parallel, "cpu", per_chunk, 1
-    workers = min(cfg.parallel.worker_count(), chunks)
-    return cfg.parallel, "cpu", per_chunk, max(1, cfg.parallel.worker_count() // workers)
+    return cfg.parallel, "cpu", per_chunk, threads_per_chunk(cfg.parallel, -(-n_batches // per_chunk))
 
 
 def _generate(cfg: Params, ws: Workspace, champion: Any, version: str, tmp: Path) -> list[dict[str, Any]]:

@@ -9,8 +9,6 @@ runs twice (its worker died) writes the same files again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 
 from genloop.models import load_generator, sample
+from genloop.models.device import torch_threads
 from genloop.models.spec import GeneratorSpec
 
 
@@ -47,16 +46,6 @@ def _generator(job: GenerateJob) -> tuple[torch.nn.Module, GeneratorSpec]:
     return _LOADED[key]
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def batch_starts(n: int, batch_size: int) -> list[int]:
     """The first image index of every batch of a run of `n` images."""
     return list(range(0, n, batch_size))
@@ -67,7 +56,7 @@ def generate_chunk(job: GenerateJob, starts: list[int]) -> list[dict[str, object
     (file, seed, index within its batch, label)."""
     gen, spec = _generator(job)
     rows: list[dict[str, object]] = []
-    with _torch_threads(job.threads):
+    with torch_threads(job.threads):
         for start in starts:
             count = min(job.batch_size, job.n - start)
             seed = job.seed + start  # one seed per batch: any batch can be regenerated alone

@@ -32,6 +32,7 @@ from genloop.core.grids import make_grid
 from genloop.core.storage import atomic_dir, join_s3_uri, read_json, upload_dir, write_json_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.c2st import cross_fitted_realism
+from genloop.eval.embed_chunk import embed_split
 from genloop.eval.extractors import embed, get_extractor, nearest, novelty_scale
 from genloop.eval.realism import DEFINITION, RealismScorer, interquartile_range
 from genloop.feedback import agreement, tuning
@@ -70,8 +71,8 @@ def _score(cfg: Params, ws: Workspace, batch: pd.DataFrame,
     extractor = get_extractor(cfg, ws)  # the evaluation's extractor: realism is judged as evaluation judges
     budget = cfg.evaluate.memory_budget_gb
     train_set = load_split(ws, "train", memory_budget_gb=budget)
-    train_feats = embed(extractor.module, train_set.images)
-    holdout_feats = embed(extractor.module, load_split(ws, "holdout", memory_budget_gb=budget).images)
+    train_feats = embed_split(extractor, train_set.images, cfg.parallel)  # streamed: chunks on parallel.engine
+    holdout_feats = embed_split(extractor, load_split(ws, "holdout", memory_budget_gb=budget).images, cfg.parallel)
     scale = novelty_scale(holdout_feats, train_feats)
     feats = embed(extractor.module, images)
     dist, idx = nearest(feats, train_feats)
