@@ -65,3 +65,13 @@ def test_a_chunk_run_twice_leaves_what_one_run_leaves(weights: Path, tmp_path: P
     assert generate_chunk(job, [16, 24]) == first
     assert files(tmp_path) == written and len(written) == 2 * BATCH
     assert {r["label"] for r in first} == {"b"}
+
+
+def test_a_label_the_model_does_not_know_is_refused_naming_its_classes(weights: Path, tmp_path: Path) -> None:
+    from genloop.core.errors import GenloopError
+
+    job = GenerateJob(weights=weights, folder=tmp_path, n=N, batch_size=BATCH, seed=3, label="z", device="cpu",
+                      threads=1)
+    with pytest.raises(GenloopError, match=r"label 'z' is not a class of this model; classes: \['a', 'b', 'c'\]"):
+        generate_chunk(job, [0])
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -29,7 +29,7 @@ from genloop.core.progress import Progress
 from genloop.core.storage import atomic_outputs, join_s3_uri, temp_dir, upload_dir
 from genloop.core.workspace import Workspace
 from genloop.mlops import tracking
-from genloop.models import save_generator
+from genloop.models import class_labels, save_generator
 from genloop.stages.generate_chunk import GenerateJob, batch_starts, generate_chunk
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ def _generate(cfg: Params, ws: Workspace, champion: Any, version: str, tmp: Path
     import numpy as np
 
     g = cfg.generate
+    class_labels(champion.spec, 1, g.label)  # a label the model does not know fails here, not in a worker
     starts = batch_starts(g.n, g.batch_size)
     settings, device, per_chunk, threads = plan_chunks(cfg, len(starts))
     weights_dir = temp_dir(ws.cache / "generate" / "champion")
