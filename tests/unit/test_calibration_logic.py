@@ -119,3 +119,17 @@ def test_precision_recall_density_coverage_match_prdc():
     for name in ("precision", "recall", "density", "coverage"):
         assert ours[name] == pytest.approx(float(theirs[name]), abs=2e-3), name
     assert 0.3 < ours["precision"] < 0.95 and ours["pr_samples"] == 700
+
+
+def test_noise_and_the_grey_shift_work_block_by_block_to_the_same_kind_of_result(monkeypatch):
+    """A large rung is degraded BLOCK images at a time (at 50k RGB images the whole-set float copies
+    took 2 GB): the grey shift gives the same pixels, the noise the same spread, drawn reproducibly."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(60, 196, (50, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    whole_grey, whole_noise = degrade.grey(images, 0.5), degrade.noise(images, 20.0, seed=4)
+    monkeypatch.setattr(degrade, "BLOCK", 7)  # 8 blocks, the last one short
+    assert torch.equal(degrade.grey(images, 0.5), whole_grey)
+    blocked = degrade.noise(images, 20.0, seed=4)
+    assert torch.equal(blocked, degrade.noise(images, 20.0, seed=4)) and not torch.equal(blocked, images)
+    spread = [float((n.float() - images.float()).std()) for n in (blocked, whole_noise)]
+    assert spread == pytest.approx([20.0, 20.0], rel=0.05)

@@ -59,11 +59,21 @@ def jpeg(images: torch.Tensor, quality: float) -> torch.Tensor:
     return _per_image(images, roundtrip)
 
 
+# Noise and the grey shift work on this many images at a time: their float copies of 50k RGB
+# 32-px images took about 2 GB at once (a 3.6 GB peak for a 50k-sample evaluate on 100k images).
+BLOCK = 4096
+
+
 def noise(images: torch.Tensor, sd: float, seed: int) -> torch.Tensor:
-    """Additive Gaussian pixel noise of standard deviation `sd` (0-255 scale), clipped."""
+    """Additive Gaussian pixel noise of standard deviation `sd` (0-255 scale), clipped. The noise is
+    drawn block by block from one generator: a set of at most BLOCK images gets one draw."""
     gen = torch.Generator().manual_seed(seed)
-    noisy = images.float() + sd * torch.randn(images.shape, generator=gen)
-    return noisy.round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty_like(images)
+    for i in range(0, len(images), BLOCK):
+        block = images[i : i + BLOCK].float()
+        block += sd * torch.randn(block.shape, generator=gen)
+        out[i : i + BLOCK] = block.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def grey(images: torch.Tensor, share: float) -> torch.Tensor:
@@ -71,9 +81,12 @@ def grey(images: torch.Tensor, share: float) -> torch.Tensor:
     if images.shape[1] != 3:
         return images.clone()
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    x = images.float()
-    luma = (x * weights).sum(dim=1, keepdim=True)
-    return (x + share * (luma - x)).round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty_like(images)
+    for i in range(0, len(images), BLOCK):
+        x = images[i : i + BLOCK].float()
+        luma = (x * weights).sum(dim=1, keepdim=True)
+        out[i : i + BLOCK] = (x + share * (luma - x)).round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 def drop_modes(images: torch.Tensor, share: float, seed: int) -> torch.Tensor:
