@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from genloop.core.config import load_params
 from genloop.core.manifest import FEEDBACK_SOURCE, ROLE_NEGATIVE, ROLE_TRAIN, read_ledger, read_manifest
+from genloop.core.provenance import data_version
 from genloop.core.storage import sha256_bytes
 from genloop.core.workspace import Workspace
 from genloop.eval.gate import Comparison, decide
@@ -229,7 +230,7 @@ def test_the_loop_twice_with_feedback_in_between(tmp_path: Path, mlflow_server: 
     run_cli([str(BIN / "genloop"), "loop"], ws_root, env)
     first_loop = time.monotonic() - started
     version1 = _json(ws.report("optimize"))["model_version"]
-    data1 = yaml.safe_load((ws_root / "data.dvc").read_text())["outs"][0]["md5"]
+    data1 = data_version(ws)  # data.dvc's md5 of data/raw joined with the ledger's
     proposal_file = (ws.reports / "next_params.yaml").read_text()
     assert "# Proposed by trial 1 of Optuna study 'genloop'" in proposal_file
     proposal = _json(ws.report("optimize"))["autotune"]["proposal"]
@@ -258,8 +259,9 @@ def test_the_loop_twice_with_feedback_in_between(tmp_path: Path, mlflow_server: 
     assert "autotune:   applied" in second.stdout and "iteration:  2" in second.stdout
 
     # 1. feedback became data: a new data version, accepted images with provenance, negatives, the cap
-    data2 = yaml.safe_load((ws_root / "data.dvc").read_text())["outs"][0]["md5"]
-    assert data2 != data1
+    data2 = data_version(ws)
+    assert data2.split("+")[0] != data1.split("+")[0] and data2.split("+")[0] == yaml.safe_load(
+        (ws_root / "data.dvc").read_text())["outs"][0]["md5"]  # new raw files: a new data.dvc
     report = _json(ws.report("collect"))["feedback"]
     best = sorted(accepted, key=lambda k: (-accepted[k][0], -accepted[k][1], k))
     assert report["accepted_added"] == 8 and report["capped"] == 8 and report["capped_images"] == best[8:]
