@@ -71,9 +71,9 @@ def torch_threads(n: int) -> Iterator[None]:
 def threads_per_chunk(settings: ParallelParams, n_chunks: int) -> int:
     """torch threads for each chunk of a chunk map: all of this process's when the chunks run here
     (serial, or a single chunk), one on Dask (a worker runs one chunk per thread; genloop's
-    clusters give each worker one), else the cores shared out among the worker processes. Conv
-    results were checked equal at 1 and 2 threads (bench/README.md), so the share never changes
-    what a chunk computes."""
+    clusters give each worker one), else the cores shared out among the worker processes. The
+    generators' samples were checked bit-identical at 1 and 2 threads (bench/README.md); the
+    evaluation extractor's features agree to float rounding (tests/integration/test_embed_parallel.py)."""
     if settings.engine == "serial" or n_chunks <= 1:
         return torch.get_num_threads()
     if settings.engine == "dask":
