@@ -8,7 +8,17 @@ import torch
 
 from genloop.core.config import load_params
 from genloop.eval import degrade
-from genloop.eval.calibration import Calibration, choose_gate_metric, ladder_flags
+from genloop.eval.calibration import (
+    Calibration,
+    at_ladder_size,
+    calibration_key,
+    choose_gate_metric,
+    ladder_flags,
+    ladder_size,
+)
+from genloop.eval.calibration_report import readable
+from genloop.eval.metrics import FidAgainst
+from genloop.eval.reference import Reference
 
 
 def _cal(flags: dict[str, dict[str, str]] | None = None) -> Calibration:
@@ -60,6 +70,29 @@ def test_the_gate_metric_is_the_first_that_passes_and_a_refused_one_says_why():
     # a flag on a ladder generators do not fail along (JPEG) does not refuse a metric
     assert choose_gate_metric(cfg, _cal({"fid": {"jpeg": "steps smaller than its noise"}}))[0] == "fid"
     assert choose_gate_metric(load_params(None, ["register.metric=kid_mean"]), None)[0] == "kid_mean"
+
+
+def test_the_ladder_is_capped_and_a_larger_evaluation_is_placed_on_it_at_the_ladders_size():
+    gen = torch.Generator().manual_seed(0)
+    holdout, train = torch.randn(300, 8, generator=gen), torch.randn(2000, 8, generator=gen)
+    ref = Reference("r", holdout, train, torch.ones(300), [str(i) for i in range(2000)], 1.0, {}, cached=False)
+    uncapped = load_params(None, ["evaluate.n_samples=1000"])
+    cfg = load_params(None, ["evaluate.n_samples=1000", "evaluate.calibration.max_images=400"])
+    assert ladder_size(uncapped, ref) == 1000  # the larger of the holdout (300) and the samples
+    assert ladder_size(load_params(None, ["evaluate.n_samples=100"]), ref) == 300
+    assert ladder_size(cfg, ref) == 400
+    assert calibration_key(cfg, ref) != calibration_key(uncapped, ref)  # a capped ladder is another ladder
+    cal = Calibration(**{**_cal().as_dict(), "n": 400})
+    samples = torch.randn(1000, 8, generator=gen) + 0.5
+    own = {"fid": FidAgainst(holdout)(samples)}
+    assert at_ladder_size(cfg, cal, ref, samples[:400], own) == (own, 400)  # at most the ladder's size: as judged
+    placed, judged = at_ladder_size(cfg, cal, ref, samples, own)
+    assert judged == 400
+    assert placed["fid"] == pytest.approx(FidAgainst(holdout)(samples[:400]))
+    assert placed["fid"] != pytest.approx(own["fid"], rel=1e-3)
+    assert set(placed) >= {"fid", "kid_mean", "c2st_auc", "recall", "coverage", "curation_score"}
+    lines = readable(cal, placed, "fid", judged)
+    assert lines and all(line.endswith("(on the first 400 samples, the ladder's size)") for line in lines)
 
 
 def test_degradations_do_what_their_names_say():

@@ -64,7 +64,7 @@ def load_split(ws: Workspace, split: str | None, classes: list[str] | None = Non
         images: torch.Tensor | ShardedImages = streamed
     else:
         streamed.close()
-        images = torch.from_numpy(manifest_images(ws.clean, rows).transpose(0, 3, 1, 2).copy())
+        images = torch.from_numpy(manifest_images(ws.clean, rows, channels_first=True))
     labels = None
     if classes is None:
         classes = sorted(rows["label"].dropna().unique().tolist(), key=_natural)

@@ -82,9 +82,12 @@ def _by_shard(shards: Sequence[str]) -> tuple[list[str], np.ndarray, list[np.nda
     return names, ids, [order[bounds[k] : bounds[k + 1]] for k in range(len(names))]
 
 
-def read_images(folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> np.ndarray:
+def read_images(folder: Path, shards: Sequence[str], offsets: Sequence[int],
+                channels_first: bool = False) -> np.ndarray:
     """The images at (`shards[i]`, `offsets[i]`) under `folder`, in that order, as one N x H x W x C
-    uint8 array. Each shard is opened once (memory-mapped) and only the rows asked for are read."""
+    uint8 array (N x C x H x W with `channels_first`, transposed shard by shard: a whole-array
+    transpose would hold the split twice). Each shard is opened once (memory-mapped) and only the
+    rows asked for are read."""
     offsets = np.asarray(offsets, dtype=np.int64)
     names, _, groups = _by_shard(shards)
     out: np.ndarray | None = None
@@ -92,20 +95,23 @@ def read_images(folder: Path, shards: Sequence[str], offsets: Sequence[int]) -> 
         arr = _open(folder / name)
         offs = offsets[rows]
         _check_rows(folder / name, arr, int(offs.max()))
+        hwc = arr.shape[1:]
         if out is None:
-            out = np.empty((len(offsets), *arr.shape[1:]), dtype=np.uint8)
-        elif arr.shape[1:] != out.shape[1:]:
-            raise StageInputMissing(f"{folder / name} holds {arr.shape[1:]} images, other shards "
-                                    f"{out.shape[1:]}: run `genloop clean` again")
-        out[rows] = arr[offs]
+            shape = hwc if not channels_first else (hwc[2], hwc[0], hwc[1])
+            out, first = np.empty((len(offsets), *shape), dtype=np.uint8), hwc
+        elif hwc != first:
+            raise StageInputMissing(f"{folder / name} holds {hwc} images, other shards "
+                                    f"{first}: run `genloop clean` again")
+        out[rows] = arr[offs].transpose(0, 3, 1, 2) if channels_first else arr[offs]
     if out is None:
         raise StageInputMissing(f"no images asked for from {folder}")
     return out
 
 
-def manifest_images(folder: Path, manifest: pd.DataFrame) -> np.ndarray:
+def manifest_images(folder: Path, manifest: pd.DataFrame, channels_first: bool = False) -> np.ndarray:
     """The images of the manifest rows `manifest` (columns shard, offset) from the shards in `folder`."""
-    return read_images(folder, manifest["shard"].astype(str).tolist(), manifest["offset"].astype("int64").tolist())
+    return read_images(folder, manifest["shard"].astype(str).tolist(), manifest["offset"].astype("int64").tolist(),
+                       channels_first)
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:

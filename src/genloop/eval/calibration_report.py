@@ -27,9 +27,10 @@ def positions(cal: Calibration, metrics: dict[str, Any]) -> dict[str, dict[str, 
             if m in cal.floor and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def readable(cal: Calibration, metrics: dict[str, Any], gate_metric: str) -> list[str]:
+def readable(cal: Calibration, metrics: dict[str, Any], gate_metric: str, judged: int | None = None) -> list[str]:
     """The sentences a person reads first: the gate metric and the C2ST on the blur ladder, the
-    diversity judges on the mode-drop ladder."""
+    diversity judges on the mode-drop ladder. `judged`: the values judge only the first `judged`
+    samples (the ladder's size; `calibration.at_ladder_size`), which each sentence then says."""
     lines = []
     for m in dict.fromkeys((gate_metric, "fid", "c2st_auc")):
         if m in cal.floor and metrics.get(m) is not None:
@@ -38,7 +39,8 @@ def readable(cal: Calibration, metrics: dict[str, Any], gate_metric: str) -> lis
         if m in cal.floor and metrics.get(m) is not None:
             place = cal.position(m, float(metrics[m]))["mode_drop"]["text"]
             lines.append(f"{m} {float(metrics[m]):.3g} {place}")
-    return lines
+    return lines if judged is None else [f"{line} (on the first {judged:,} samples, the ladder's size)"
+                                         for line in lines]
 
 
 def plot(cal: Calibration, path: Path) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from genloop.core.dataset import load_split
+from genloop.core.dataset import ImageSet, load_split
 from genloop.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,14 @@ def class_diversity(fake_features: torch.Tensor, fake_images: torch.Tensor, fake
 def diversity_metrics(ws: Workspace, real_features: torch.Tensor, fake_features: torch.Tensor,
                       fake_images: torch.Tensor,
                       asked: tuple[torch.Tensor, list[str]] | None,
-                      memory_budget_gb: float | None = None) -> dict[str, float | None]:
+                      memory_budget_gb: float | None = None, train: ImageSet | None = None) -> dict[str, float | None]:
     """class_diversity of generated images against the train split (`real_features`: its features,
     in its order); `asked`: the class index asked for per sample and the class names (None:
-    unconditional). Real classes come from the split's labels when every image has one; the split's
-    images stream from its shards when they take more than `memory_budget_gb`."""
-    train = load_split(ws, "train", memory_budget_gb=memory_budget_gb)
+    unconditional). Real classes come from the split's labels when every image has one. `train`:
+    the split when the caller holds it already; else it is loaded, its images streamed from the
+    shards when they take more than `memory_budget_gb`."""
+    if train is None:
+        train = load_split(ws, "train", memory_budget_gb=memory_budget_gb)
     if len(train) != len(real_features):
         log.warning("class diversity: %d train features for %d train images; not computed",
                     len(real_features), len(train))

@@ -229,7 +229,7 @@ def _fit(module: DomainExtractor, data: ImageSet, epochs: int, seed: int) -> flo
 def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extractor=domain") -> Extractor:
     """The in-domain extractor for the current data version: loaded if cached, else trained."""
     version = data_version(ws)
-    data = load_split(ws, "train", memory_budget_gb=cfg.evaluate.memory_budget_gb)
+    data = load_split(ws, "train", memory_budget_gb=0)  # the manifest only: a cached extractor reads no image
     channels = data.images.shape[1]
     # a bounded share of a large split: training time stays flat as the corpus grows
     data = data.subsample(cfg.evaluate.extractor_max_images, cfg.evaluate.seed)
@@ -255,6 +255,8 @@ def domain_extractor(cfg: Params, ws: Workspace, reason: str = "evaluate.extract
         log.info("extractor: cached %s for data %s", kind, str(version)[:8])
         log.debug("extractor weights: %s", path)
     else:
+        if data.nbytes <= cfg.evaluate.memory_budget_gb * 1e9:  # the training epochs read it from memory
+            data = ImageSet(data.images[:], data.labels, data.classes, data.ids)
         accuracy = _fit(module, data, cfg.evaluate.extractor_epochs, seed=cfg.evaluate.seed)
         with atomic_path(path) as tmp:
             torch.save(module.state_dict(), tmp)
@@ -336,11 +338,15 @@ def nearest(query: torch.Tensor, bank: torch.Tensor, batch: int = 1024) -> tuple
     return torch.cat(dists), torch.cat(idxs)
 
 
+def novelty_unit(holdout_nearest: torch.Tensor) -> float:
+    """Median distance from a real unseen image to its nearest training image (`holdout_nearest`):
+    the unit that makes novelty comparable across extractors (1.0 ~ as novel as fresh real data)."""
+    return float(holdout_nearest.median().clamp_min(1e-8))
+
+
 def novelty_scale(holdout_feats: torch.Tensor, train_feats: torch.Tensor) -> float:
-    """Median distance from a real unseen image to its nearest training image: the unit
-    that makes novelty comparable across extractors (1.0 ~ as novel as fresh real data)."""
-    d, _ = nearest(holdout_feats, train_feats)
-    return float(d.median().clamp_min(1e-8))
+    """`novelty_unit` of the holdout features' distances to their nearest training features."""
+    return novelty_unit(nearest(holdout_feats, train_feats)[0])
 
 
 def to_nchw_uint8(nhwc: torch.Tensor | object) -> torch.Tensor:
@@ -350,4 +356,4 @@ def to_nchw_uint8(nhwc: torch.Tensor | object) -> torch.Tensor:
 
 __all__ = ["Extractor", "DomainExtractor", "InceptionExtractor", "PretrainedExtractor", "get_extractor",
            "domain_extractor", "standard_unavailable", "embed",
-           "embed_with_logits", "nearest", "novelty_scale", "to_nchw_uint8", "to_unit"]
+           "embed_with_logits", "nearest", "novelty_scale", "novelty_unit", "to_nchw_uint8", "to_unit"]

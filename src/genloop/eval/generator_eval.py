@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from genloop.core.config import Params
+from genloop.core.dataset import ImageSet
 from genloop.core.storage import atomic_path, sha256_bytes, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.diversity import diversity_metrics
@@ -103,12 +104,14 @@ def consistency_metrics(cfg: Params, ws: Workspace, images: torch.Tensor, asked_
 
 def evaluate_generator(
     cfg: Params, ws: Workspace, sampler: Sampler, generator_sha256: str, extractor: Extractor, ref: Reference,
-    asked: Asked | None = None,
+    asked: Asked | None = None, train_set: ImageSet | None = None,
 ) -> GeneratorEval:
     """Draw `evaluate.n_samples` images from `evaluate.seed` and score them (cached).
 
     `asked(n)`: the classes the sampler asks for (`lambda n: asked_classes(spec, n)`), called
     only on a cache miss, after sampling; with it, labelled data also gets class consistency.
+    `train_set`: the train split when the caller holds it (`load_reference` returns it), so it is
+    not read a second time.
     """
     e = cfg.evaluate
     path = ws.cache / "evals" / f"{eval_key(cfg, generator_sha256, ref, asked is not None)}.pt"
@@ -129,7 +132,7 @@ def evaluate_generator(
     if classes is not None:
         metrics.update(consistency_metrics(cfg, ws, images, *classes))
     metrics.update(diversity_metrics(ws, ref.train, features, images, classes,
-                                         memory_budget_gb=e.memory_budget_gb))
+                                     memory_budget_gb=e.memory_budget_gb, train=train_set))
     mem = memorisation(features, ref.train, ref.novelty_unit, e.memorisation_threshold)
     tensors = {"images": images, "features": features, "novelty": mem.novelty, "nearest_index": mem.nearest_index}
     if logits is not None:

@@ -23,11 +23,12 @@ from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.embed_chunk import embed_split
-from genloop.eval.extractors import Extractor, novelty_scale
+from genloop.eval.extractors import Extractor, nearest, novelty_unit
 from genloop.eval.metrics import KID_FEATURES, FidAgainst, kid
 from genloop.models import load_torch_file
 
 log = logging.getLogger(__name__)
+CACHE_FORMAT = "holdout-nearest"  # what the cached .pt holds beyond the features: a new format misses old entries
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class Reference:
     key: str
     holdout: torch.Tensor  # features of the real reference images
     train: torch.Tensor  # features of the training images (memorisation bank)
+    holdout_nearest: torch.Tensor  # distance of each holdout image to its nearest training image
     train_ids: list[str]
-    novelty_unit: float  # median distance of a holdout image to its nearest training image
+    novelty_unit: float  # holdout_nearest's median
     floor: dict[str, float]  # FID/KID of real training images against the holdout
     cached: bool  # True when loaded from the cache
 
@@ -48,7 +50,8 @@ class Reference:
 def reference_key(ws: Workspace, extractor: Extractor, n_holdout: int, n_train: int, n_samples: int) -> str:
     """The cache key: what the statistics depend on, never where files are."""
     parts = [data_version(ws), sha256_file(ws.manifest), extractor.kind, extractor.fingerprint,
-             str(n_holdout), str(n_train), str(n_samples), KID_FEATURES]  # how the floor's KID is computed
+             str(n_holdout), str(n_train), str(n_samples), KID_FEATURES,  # how the floor's KID is computed
+             CACHE_FORMAT]
     return sha256_bytes("|".join(parts).encode())[:20]
 
 
@@ -62,24 +65,27 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
     path = ws.judge_cache / "reference" / f"{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
-        tensors = load_torch_file(path, "cached reference statistics", keys=("holdout", "train"),
+        tensors = load_torch_file(path, "cached reference statistics", keys=("holdout", "train", "holdout_nearest"),
                                   fix="Delete it; the next evaluation recomputes it.")
         meta = json.loads(meta_path.read_text())
         log.info("reference statistics: cached (%s)", key[:8])
-        ref = Reference(key, tensors["holdout"], tensors["train"], meta["train_ids"], meta["novelty_unit"],
-                        meta["floor"], cached=True)
+        ref = Reference(key, tensors["holdout"], tensors["train"], tensors["holdout_nearest"], meta["train_ids"],
+                        meta["novelty_unit"], meta["floor"], cached=True)
         return ref, train_set
     holdout = embed_split(extractor, holdout_set.images, cfg.parallel)  # streamed: chunks on parallel.engine
     train = embed_split(extractor, train_set.images, cfg.parallel)
     floor_n = min(len(train), max(len(holdout), n_samples))
     kid_mean, _ = kid(holdout, train[:floor_n], cfg.evaluate.kid_subset_size, cfg.evaluate.seed)
     floor = {"fid": FidAgainst(holdout)(train[:floor_n]), "kid_mean": kid_mean, "n": floor_n}
-    unit = novelty_scale(holdout, train)
-    _save(path, {"holdout": holdout, "train": train},
+    # once: the novelty unit and the calibration's memorisation check both read these distances (a
+    # holdout of 100k against 900k training images is minutes of distance blocks on 2 cores)
+    holdout_nearest, _ = nearest(holdout, train)
+    unit = novelty_unit(holdout_nearest)
+    _save(path, {"holdout": holdout, "train": train, "holdout_nearest": holdout_nearest},
           {"train_ids": train_set.ids, "novelty_unit": unit, "floor": floor, "data_version": data_version(ws),
            "extractor": extractor.kind, "extractor_fingerprint": extractor.fingerprint})
     log.info("reference statistics: %d holdout, %d train images (%s)", len(holdout), len(train), key[:8])
-    return Reference(key, holdout, train, train_set.ids, unit, floor, cached=False), train_set
+    return Reference(key, holdout, train, holdout_nearest, train_set.ids, unit, floor, cached=False), train_set
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:

@@ -103,9 +103,10 @@ def curation_score(cfg: Params, ref: Reference, features: torch.Tensor) -> float
 
 
 def calibrate(cfg: Params, ws: Workspace, extractor: Extractor, ref: Reference, train_set: ImageSet,
-               metrics: dict[str, Any]) -> tuple[Calibration | None, dict[str, Any]]:
+              metrics: dict[str, Any], features: torch.Tensor) -> tuple[Calibration | None, dict[str, Any]]:
     """The ladder (cached per data version and extractor), the gate's metric, and where this
-    evaluation sits on the ladder: the part of eval.json that makes the numbers readable."""
+    evaluation (`metrics` of the samples' `features`) sits on the ladder: the part of eval.json that
+    makes the numbers readable."""
     cal = (calibration.load_or_compute(cfg, ws, extractor, ref, train_set)
            if cfg.evaluate.calibration.enabled else None)
     name, why = calibration.choose_gate_metric(cfg, cal)
@@ -113,8 +114,11 @@ def calibrate(cfg: Params, ws: Workspace, extractor: Extractor, ref: Reference, 
                            "definitions": {m: describe(m) for m in metrics if m in DESCRIPTIONS}}
     if cal is not None:
         out["calibration"] = calibration_report.write(cal, (name, why), ws.reports, train_set.images)
-        out["ladder_position"] = calibration_report.positions(cal, metrics)
-        out["readable"] = calibration_report.readable(cal, metrics, name)
+        placed, judged = calibration.at_ladder_size(cfg, cal, ref, features, metrics)
+        out["ladder_position"] = calibration_report.positions(cal, placed)
+        out["readable"] = calibration_report.readable(cal, placed, name, judged if judged < len(features) else None)
+        if judged < len(features):
+            out["ladder_position_samples"] = judged
     return cal, out
 
 
@@ -150,9 +154,9 @@ def run(cfg: Params, ws: Workspace) -> dict[str, Any]:
     generator_sha = sha256_file(ws.generator)
     started = time.perf_counter()
     result = evaluate_generator(cfg, ws, lambda n, seed: sample(generator, spec, n, seed), generator_sha,
-                                extractor, ref, asked=lambda n: asked_classes(spec, n))
+                                extractor, ref, asked=lambda n: asked_classes(spec, n), train_set=train_set)
     metrics = dict(result.metrics) | {"curation_score": curation_score(cfg, ref, result.features)}
-    cal, readable = calibrate(cfg, ws, extractor, ref, train_set, metrics)
+    cal, readable = calibrate(cfg, ws, extractor, ref, train_set, metrics, result.features)
     report = _report(cfg, ws, result, ref, extractor, generator_sha, time.perf_counter() - started)
     report |= {"curation_score": round(metrics["curation_score"], 6)} | readable
     mem = result.memorisation

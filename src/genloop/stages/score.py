@@ -70,9 +70,10 @@ def run(cfg: Params, ws: Workspace, folder: Path, out: Path | None = None) -> di
     extractor = get_extractor(cfg, ws)
     ref, train_set = load_reference(cfg, ws, extractor)
     started = time.perf_counter()
-    result = evaluate_generator(cfg, ws, lambda n, seed: images, f"folder-{folder_sha}", extractor, ref)
+    result = evaluate_generator(cfg, ws, lambda n, seed: images, f"folder-{folder_sha}", extractor, ref,
+                                train_set=train_set)
     metrics = dict(result.metrics) | {"curation_score": curation_score(cfg, ref, result.features)}
-    _, readable = calibrate(cfg, ws, extractor, ref, train_set, metrics)
+    _, readable = calibrate(cfg, ws, extractor, ref, train_set, metrics, result.features)
     report = {
         "folder": str(folder.resolve()),
         "n_images": len(images),
