@@ -30,6 +30,7 @@ import torch
 
 from genloop.core.config import Params
 from genloop.core.dataset import ImageSet
+from genloop.core.heap import release_free_heap
 from genloop.core.progress import Progress
 from genloop.core.storage import sha256_bytes, write_text_atomic
 from genloop.core.workspace import Workspace
@@ -219,6 +220,7 @@ def compute(cfg: Params, extractor: Extractor, ref: Reference, train_set: ImageS
             for level in levels:
                 values = judge(_embed_rung(extractor, images, ladder, level, c.seed))
                 ladders[ladder].append({"level": level, "values": {k: round(v, 6) for k, v in values.items()}})
+                release_free_heap()  # the rung's degraded copy and its judges' temporaries
                 bar.advance()
     flags: dict[str, dict[str, str]] = {}
     for metric in floor:

@@ -28,6 +28,7 @@ import torch
 
 from genloop.core.config import Params
 from genloop.core.dataset import ImageSet
+from genloop.core.heap import release_free_heap
 from genloop.core.storage import atomic_path, sha256_bytes, write_text_atomic
 from genloop.core.workspace import Workspace
 from genloop.eval.diversity import diversity_metrics
@@ -141,4 +142,5 @@ def evaluate_generator(
         torch.save(tensors, tmp)
     write_text_atomic(meta_path, json.dumps({"metrics": metrics, "generator_sha256": generator_sha256,
                                              "reference": ref.key}))
+    release_free_heap()  # sampling's and the judges' temporaries
     return GeneratorEval(generator_sha256, images, features, logits, metrics, mem, e.seed, cached=False)

@@ -19,6 +19,7 @@ import torch
 
 from genloop.core.config import Params
 from genloop.core.dataset import ImageSet, load_split
+from genloop.core.heap import release_free_heap
 from genloop.core.provenance import data_version
 from genloop.core.storage import atomic_path, sha256_bytes, sha256_file, write_text_atomic
 from genloop.core.workspace import Workspace
@@ -85,6 +86,7 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
           {"train_ids": train_set.ids, "novelty_unit": unit, "floor": floor, "data_version": data_version(ws),
            "extractor": extractor.kind, "extractor_fingerprint": extractor.fingerprint})
     log.info("reference statistics: %d holdout, %d train images (%s)", len(holdout), len(train), key[:8])
+    release_free_heap()  # the embedding pass's batches
     return Reference(key, holdout, train, holdout_nearest, train_set.ids, unit, floor, cached=False), train_set
 
 

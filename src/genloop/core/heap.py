@@ -1,0 +1,35 @@
+"""Hand the heap's free pages back to the operating system between the judges' phases.
+
+glibc keeps what Python, numpy and torch free on its heap for reuse. Where live blocks sit between
+the freed ones, nothing returns to the system on its own, so a process's resident memory stays
+near the high-water mark of every phase before: an evaluate with 50,000 samples on the 100k corpus
+held 1.8 GB while about 1.1 GB was in use. `malloc_trim(0)` releases the free pages (milliseconds).
+Neither Python nor torch exposes it, hence ctypes; where it is missing (macOS, musl) this does
+nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from collections.abc import Callable
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the system; False where the C library cannot."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
