@@ -54,7 +54,7 @@ def load_split(ws: Workspace, split: str | None, classes: list[str] | None = Non
                memory_budget_gb: float | None = None) -> ImageSet:
     """Images of one split ('train', 'holdout', or None for all) from data/clean: in memory, or,
     when they take more than `memory_budget_gb`, a `ShardedImages` that reads them per batch."""
-    manifest = read_manifest(ws.manifest)
+    manifest = read_manifest(ws.manifest, only=["id", "shard", "offset", "label", "split"])
     rows = manifest if split is None else manifest[manifest["split"] == split]
     if rows.empty:
         raise StageInputMissing(f"no {split or ''} images in {ws.manifest}: run `genloop clean`")

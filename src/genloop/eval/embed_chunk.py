@@ -19,6 +19,7 @@ from torch import nn
 
 from genloop.core.chunk_map import chunk_map
 from genloop.core.config import ParallelParams
+from genloop.core.heap import release_free_heap
 from genloop.core.shards import ShardedImages
 from genloop.eval.extractors import DomainExtractor, Extractor, InceptionExtractor, embed
 from genloop.eval.pretrained import PretrainedExtractor
@@ -76,4 +77,19 @@ def embed_split(extractor: Extractor, images: torch.Tensor | ShardedImages, sett
     size = settings.chunk_size  # the default 512 is embed()'s batch: the same batches as in one process
     chunks = [images.subset(np.arange(i, min(i + size, len(images)))) for i in range(0, len(images), size)]
     job = EmbedJob(ExtractorSource.of(extractor), threads_per_chunk(settings, len(chunks)))
-    return torch.cat(chunk_map(partial(embed_chunk, job), chunks, settings))
+    return _gather(chunk_map(partial(embed_chunk, job), chunks, settings))
+
+
+def _gather(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)`, each part let go once copied and the freed heap returned every 64 parts:
+    at 1M images the features are 0.43 GB, and a plain cat held them twice."""
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    start = 0
+    for i in range(len(parts)):
+        part, parts[i] = parts[i], None  # type: ignore[call-overload]
+        out[start : start + len(part)] = part
+        start += len(part)
+        del part
+        if i % 64 == 63:
+            release_free_heap()
+    return out

@@ -59,8 +59,9 @@ def reference_key(ws: Workspace, extractor: Extractor, n_holdout: int, n_train: 
 def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Reference, ImageSet]:
     """The reference statistics for this data version and extractor (cached), plus the
     training images (the memorisation grid shows them beside their nearest samples)."""
-    holdout_set = load_split(ws, "holdout", memory_budget_gb=cfg.evaluate.memory_budget_gb)
-    train_set = load_split(ws, "train", memory_budget_gb=cfg.evaluate.memory_budget_gb)
+    budget = cfg.evaluate.memory_budget_gb
+    holdout_set = load_split(ws, "holdout", memory_budget_gb=0)  # the manifest only: read on a cache miss
+    train_set = load_split(ws, "train", memory_budget_gb=budget)
     n_samples = cfg.evaluate.n_samples
     key = reference_key(ws, extractor, len(holdout_set), len(train_set), n_samples)
     path = ws.judge_cache / "reference" / f"{key}.pt"
@@ -73,7 +74,10 @@ def load_reference(cfg: Params, ws: Workspace, extractor: Extractor) -> tuple[Re
         ref = Reference(key, tensors["holdout"], tensors["train"], tensors["holdout_nearest"], meta["train_ids"],
                         meta["novelty_unit"], meta["floor"], cached=True)
         return ref, train_set
-    holdout = embed_split(extractor, holdout_set.images, cfg.parallel)  # streamed: chunks on parallel.engine
+    # streamed when over the budget: chunks on parallel.engine; the holdout's images go once embedded
+    holdout = embed_split(extractor, holdout_set.images if holdout_set.nbytes > budget * 1e9
+                          else holdout_set.images[:], cfg.parallel)
+    del holdout_set
     train = embed_split(extractor, train_set.images, cfg.parallel)
     floor_n = min(len(train), max(len(holdout), n_samples))
     kid_mean, _ = kid(holdout, train[:floor_n], cfg.evaluate.kid_subset_size, cfg.evaluate.seed)
