@@ -87,6 +87,28 @@ def test_against_a_large_bank_the_distances_come_in_smaller_blocks_to_the_same_a
     assert torch.allclose(blocked[2][0], whole[2][0]) and torch.equal(blocked[2][1], whole[2][1])
 
 
+def test_the_bank_is_taken_in_parts_with_the_same_nearest_and_the_first_of_equals(monkeypatch) -> None:
+    """torch.cdist copies its whole bank twice per call (0.71 GB against a 1M corpus's training
+    features), so `nearest` measures against BANK_ROWS rows at a time; the answers must not move,
+    and of two equally near training images the earlier is named, as one whole-bank call does."""
+    from genloop.eval import distance_blocks
+    from genloop.eval.extractors import nearest
+
+    gen = torch.Generator().manual_seed(1)
+    bank, query = torch.randn(300, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    bank[250] = bank[10]  # a duplicate in a later part
+    query[0] = bank[10]
+    whole = nearest(query, bank)
+    monkeypatch.setattr(distance_blocks, "BANK_ROWS", 64)
+    seen, cdist = [], torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda a, b, **kw: seen.append(len(b)) or cdist(a, b, **kw))
+    parts = nearest(query, bank)
+    assert max(seen) == 64 and sum(seen) == 300  # each bank row once, never more than a part
+    expected = torch.cdist(query, bank).min(dim=1)
+    assert torch.equal(whole[1], expected.indices) and torch.equal(parts[1], expected.indices)
+    assert torch.allclose(parts[0], expected.values) and int(parts[1][0]) == 10
+
+
 def test_a_training_copy_scores_top_and_an_empty_holdout_is_refused() -> None:
     gen = torch.Generator().manual_seed(0)
     real, unseen = torch.randn(50, 4, generator=gen), torch.randn(30, 4, generator=gen)

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from genloop.core.errors import StageInputMissing
+from genloop.core.heap import release_free_heap
 from genloop.core.manifest import read_manifest
 from genloop.core.shards import ShardedImages, manifest_images
 from genloop.core.workspace import Workspace
@@ -73,7 +74,10 @@ def load_split(ws: Workspace, split: str | None, classes: list[str] | None = Non
         labels = torch.tensor([index.get(str(c), -1) for c in rows["label"]], dtype=torch.long)
         if (labels < 0).any():
             labels = None
-    return ImageSet(images, labels, list(classes) if labels is not None else [], rows["id"].tolist())
+    image_set = ImageSet(images, labels, list(classes) if labels is not None else [], rows["id"].tolist())
+    del manifest, rows
+    release_free_heap()  # the manifest's Arrow buffers and Python strings (0.3 GB at 1M rows)
+    return image_set
 
 
 def _natural(label: str) -> tuple[int, object]:

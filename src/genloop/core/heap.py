@@ -6,6 +6,10 @@ near the high-water mark of every phase before: an evaluate with 50,000 samples 
 held 1.8 GB while about 1.1 GB was in use. `malloc_trim(0)` releases the free pages (milliseconds).
 Neither Python nor torch exposes it, hence ctypes; where it is missing (macOS, musl) this does
 nothing.
+
+Arrow's buffers (the manifest's columns) come from its own pool (mimalloc in the wheels), which kept
+0.26 GB resident after the 1M corpus's manifest was read and dropped, with nothing allocated in it:
+its `release_unused()` returns them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_heap() -> bool:
-    """Return the heap's free pages to the system; False where the C library cannot."""
+    """Return the heap's (and Arrow's pool's) free pages to the system; False where the C library cannot."""
+    if "pyarrow" in sys.modules:  # only when something read with Arrow; never imported here for nothing
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
     trim = _malloc_trim()
     if trim is None:
         return False

@@ -150,6 +150,7 @@ def _noise(cfg: Params, holdout: torch.Tensor, bank: torch.Tensor, scorer: Reali
             resampled = holdout[ref_idx]
             for k, v in _judges(cfg, resampled, bank, scorer.with_holdout(resampled))(feats[idx]).items():
                 values.setdefault(k, []).append(v)
+            release_free_heap()  # the resample's copies: at 1M the parent grew 0.3 GB over 20 resamples
             bar.advance()
     out = {}
     for k, vs in values.items():

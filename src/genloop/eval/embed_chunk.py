@@ -74,7 +74,7 @@ def embed_split(extractor: Extractor, images: torch.Tensor | ShardedImages, sett
     """`embed(extractor.module, images)`; a streamed split on CPUs as chunks on the engine."""
     if isinstance(images, torch.Tensor) or torch.cuda.is_available() or len(images) <= settings.chunk_size:
         return embed(extractor.module, images)
-    size = settings.chunk_size  # the default 512 is embed()'s batch: the same batches as in one process
+    size = settings.chunk_size  # the default 512 is 4 of embed()'s batches: the same batches as in one process
     chunks = [images.subset(np.arange(i, min(i + size, len(images)))) for i in range(0, len(images), size)]
     job = EmbedJob(ExtractorSource.of(extractor), threads_per_chunk(settings, len(chunks)))
     return _gather(chunk_map(partial(embed_chunk, job), chunks, settings))

@@ -27,7 +27,10 @@ from genloop.eval.distance_blocks import block_rows
 
 # Hand-written on torch.cdist rather than prdc: prdc builds the full N x N real distance matrix in
 # numpy (60,000 MNIST digits: 29 GB) and has no realism score; here the distances come in chunks of
-# `_CHUNK` rows (fewer for a large N: genloop.eval.distance_blocks), so memory stays bounded.
+# `_CHUNK` rows (fewer for a large N: genloop.eval.distance_blocks), so memory stays bounded. Each
+# block's answer is written into one preallocated tensor, in place: a list of small per-block results
+# left a live allocation in every freed block's place, and glibc's heap then grew by a block per block
+# (a 1M corpus's 99k holdout rows against the realism bank: 2.1 -> 5.5 GB in 4 s).
 _CHUNK = 512
 
 
@@ -38,18 +41,21 @@ def knn_radii(real: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"the k-NN realism score needs more than k={k} real training images, got {len(real)}")
     # k + 1: each point is its own nearest neighbour at distance 0 (as prdc counts it)
     rows = block_rows(len(real), _CHUNK)
-    return torch.cat([torch.cdist(real[i : i + rows], real).topk(k + 1, dim=1, largest=False).values[:, k]
-                      for i in range(0, len(real), rows)])
+    out = torch.empty(len(real))
+    for i in range(0, len(real), rows):
+        out[i : i + rows] = torch.cdist(real[i : i + rows], real).topk(k + 1, dim=1, largest=False).values[:, k]
+    return out
 
 
 @torch.no_grad()
 def knn_realism(feats: torch.Tensor, real: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     """R(f) = max over real r of radius_k(r) / ||f - r|| for each row f of `feats` (larger: more real)."""
-    if len(feats) == 0:
-        return torch.empty(0)
     rows = block_rows(len(real), _CHUNK)
-    return torch.cat([(radii[None] / torch.cdist(feats[i : i + rows], real).clamp_min(1e-12)).amax(dim=1)
-                      for i in range(0, len(feats), rows)])
+    out = torch.empty(len(feats))
+    for i in range(0, len(feats), rows):
+        d = torch.cdist(feats[i : i + rows], real).clamp_min_(1e-12)
+        torch.amax(torch.div(radii[None], d, out=d), dim=1, out=out[i : i + rows])
+    return out
 
 
 class RealismScorer:
