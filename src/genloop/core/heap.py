@@ -18,6 +18,9 @@ import ctypes
 import functools
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @functools.cache
@@ -39,3 +42,9 @@ def release_free_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+def released(value: T) -> T:
+    """`value`, once the free heap is returned: wrap a step's result, whose temporaries are gone by then."""
+    release_free_heap()
+    return value
