@@ -306,9 +306,9 @@ def get_extractor(cfg: Params, ws: Workspace) -> Extractor:
     return domain_extractor(cfg, ws, reason="auto: " + "; ".join(why_not))
 
 
-# Images per forward pass of an embedding. On 2 cores, 10,000 images through the domain extractor
-# took 3.7-4.5 s at 128 against 5.2-6.7 s at 512, and 64-99 MB of activations against 170-255 MB:
-# the large batches' activations outgrow the caches.
+# Images per forward pass of an embedding. bench/embed_batch.py, 2 cores, 10,000 32-px RGB images
+# through the domain extractor: 128 ran at 1.51x the rate of 512 with 88 against 184 MB of
+# activations (the large batches' activations outgrow the caches).
 EMBED_BATCH = 128
 
 
