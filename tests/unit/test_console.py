@@ -58,8 +58,8 @@ def test_other_lines_are_left_as_they_are():
     ("mlflow.store.db.utils", "Creating initial MLflow database tables...", logging.INFO, False),
     ("optuna.storages._journal", "A new study created in Journal with name: genloop", logging.INFO, False),
     ("great_expectations.data_context", "some set-up", logging.INFO, False),
-    # one line per Dask chunk: in the flow run's Prefect logs, on the console only with --verbose
-    ("genloop.core.chunk_map", "chunk 3 of 14 done on the Dask cluster at tcp://h:8786", logging.INFO, False),
+    # Dask chunks' progress: in the flow run's Prefect logs, on the console only with --verbose
+    ("genloop.core.chunk_map", "3 of 14 chunks done on the Dask cluster at tcp://h:8786", logging.INFO, False),
     ("py.warnings", "UserWarning: something to fix", logging.WARNING, True),
     ("mlflow.tracking", "something failed", logging.WARNING, True),
 ])

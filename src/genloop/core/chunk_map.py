@@ -6,8 +6,9 @@
   the chunks that had not come back run again.
 - `dask`: a Prefect flow run (`genloop-chunks`) whose `DaskTaskRunner` holds the scheduler at
   `parallel.address` or a `LocalCluster` of `parallel.workers` processes on 127.0.0.1 started for
-  the call; every chunk is a Dask task submitted through the runner's client, and logged in the
-  flow run when it is done. Dask reruns the chunks of a worker that dies on another worker.
+  the call (started in the background while Prefect loads, its workers preloaded with the chunk's
+  module); every chunk is a Dask task submitted through the runner's client, and the flow run
+  logs their progress. Dask reruns the chunks of a worker that dies on another worker.
 
 The chunk function is the same for all three and for every entry point (the CLI, `dvc repro`,
 the Prefect flow): it must be a picklable module-level function (or a `functools.partial` of
@@ -24,24 +25,28 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from genloop.core.config import ParallelParams
 from genloop.core.errors import GenloopError
 from genloop.core.logs import NOT_ON_CONSOLE
+
+if TYPE_CHECKING:  # a Dask worker imports this module: pydantic's 0.2 s stay out of its start
+    from genloop.core.config import ParallelParams
 
 C = TypeVar("C")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 
+FLOW_LOG_LINES = 20  # progress lines in the chunks' flow run, at most
 POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
 DASK_WORKERS_CONFIG = Path(__file__).with_name("dask_workers.yaml")  # why each setting: see the file
 
@@ -155,58 +160,119 @@ def _prefect_api_url() -> str:
     return server.api_url
 
 
+def _chunk_module(fn: Callable[..., Any]) -> str:
+    """The module that defines `fn` (through `functools.partial`)."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    return fn.__module__
+
+
+class _LocalCluster(threading.Thread):
+    """A `LocalCluster` of `workers` processes on 127.0.0.1, started in the background: its workers
+    spawn and import this module and the chunk's while this process imports Prefect and opens the
+    flow run (on 2 cores 1.0 s of start and 0.4 s of first-chunk imports, off the critical path)."""
+
+    def __init__(self, workers: int, preload: str) -> None:
+        super().__init__(name="genloop-dask-start", daemon=True)
+        self.workers, self.preload = workers, preload
+        self.cluster: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        import dask
+        from distributed import LocalCluster  # imported by the caller already: no import races Prefect's
+
+        try:
+            with dask.config.set(dask_settings()):  # the nannies pass them on to the workers they spawn
+                self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                            host="127.0.0.1", dashboard_address=None, preload=[__name__, self.preload],
+                                            silence_logs=logging.WARNING)
+        except BaseException as exc:  # handed to the caller's thread by `address()`
+            self.error = exc
+
+    def address(self) -> str:
+        """The scheduler's address once the cluster is up; its start's error, raised here."""
+        self.join()
+        if self.error is not None:
+            cause: BaseException = self.error
+            while (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+            raise GenloopError(f"the local Dask cluster of {self.workers} workers did not start: {self.error} "
+                               f"({type(cause).__name__}: {cause}). A worker imports {self.preload} first; "
+                               "Dask's log lines above say more") from self.error
+        return str(self.cluster.scheduler_address)
+
+    def close(self) -> None:
+        """Stop the cluster from a thread of its own (not a daemon: Python waits for it before it
+        exits), so that the caller goes on with the results while the workers stop (0.4 s on 2 cores)."""
+        self.join()
+        if self.cluster is not None:
+            threading.Thread(target=self._close, name="genloop-dask-close").start()
+
+    def _close(self) -> None:
+        try:
+            self.cluster.close()
+        except Exception as exc:  # the results are in already; a worker left behind exits with its nanny
+            log.warning("the local Dask cluster did not close cleanly: %s", exc)
+
+
 def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
           report: Callable[[R], None], until: Callable[[R], bool]) -> list[R]:
     """The chunks on the Dask cluster of a Prefect flow run's DaskTaskRunner, as plain Dask tasks
-    submitted through the runner's client, with one log line per chunk in the flow run. Not one
+    submitted through the runner's client, with progress lines in the flow run's logs. Not one
     Prefect task per chunk: with Prefect's per-task engine and API work the engine took 1.79 x the
     time of local processes at 100k files on 2 cores, as Dask tasks 1.27 x (bench/README.md)."""
     from distributed import as_completed
-    from prefect import flow
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_dask import DaskTaskRunner
 
-    api_url = _prefect_api_url()
-    cluster: Any = None
-    address = settings.address
-    if address is None:
-        import dask
-        from distributed import LocalCluster
-
-        with dask.config.set(dask_settings()):  # the nannies pass them on to the workers they spawn
-            cluster = LocalCluster(n_workers=settings.worker_count(), threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address=None, silence_logs=logging.WARNING)
-        address = cluster.scheduler_address
-
-    @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
-          persist_result=False, validate_parameters=False)
-    def run_chunks(n: int) -> list[R]:
-        results: dict[int, R] = {}
-        # the runner's own client, connected on first use (prefect_dask.get_dask_client reads it
-        # before that in a flow run, and fails, in prefect-dask 0.3.7)
-        client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr]
-        futures = client.map(partial(_run_chunk, fn), [_Boxed(chunks[i]) for i in range(n)], pure=False)
-        order = {f.key: i for i, f in enumerate(futures)}
-        with client.as_current():  # as_completed looks for the current client
-            for future in as_completed(futures):
-                i = order[future.key]
-                results[i] = future.result()
-                # genloop's logger: Prefect sends its lines to the flow run's logs (with
-                # PREFECT_LOGGING_EXTRA_LOGGERS=genloop, as the CLI and the deployments set)
-                log.info("chunk %d of %d done on the Dask cluster at %s", i + 1, n, address, extra=NOT_ON_CONSOLE)
-                report(results[i])
-                if until(results[i]):
-                    client.cancel(futures)  # the chunks not started are dropped, the running ones end
-                    break
-        return [results[i] for i in sorted(results)]
-
+    local = _LocalCluster(settings.worker_count(), _chunk_module(fn)) if settings.address is None else None
     try:
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            return run_chunks(len(chunks))
+        from prefect import flow
+        from prefect.context import FlowRunContext
+        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from prefect_dask import DaskTaskRunner
+
+        api_url = _prefect_api_url()
+        address = local.address() if local is not None else settings.address
+
+        # no parameters: Prefect imports fastapi to serialise a flow's parameters (0.3 s)
+        @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
+              persist_result=False, validate_parameters=False)
+        def run_chunks() -> list[R]:
+            results: dict[int, R] = {}
+            n, done = len(chunks), 0
+            every = -(-n // FLOW_LOG_LINES)  # a line per chunk made 196 lines at 100k files, and work for the API
+            # the runner's own client, connected on first use (prefect_dask.get_dask_client reads it
+            # before that in a flow run, and fails, in prefect-dask 0.3.7)
+            client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr]
+            futures = client.map(partial(_run_chunk, fn), [_Boxed(c) for c in chunks], pure=False)
+            order = {f.key: i for i, f in enumerate(futures)}
+            with client.as_current():  # as_completed looks for the current client
+                # the results come with their futures, gathered on the client's loop as they finish
+                for future, result in as_completed(futures, with_results=True):
+                    i = order[future.key]
+                    results[i] = result
+                    # genloop's logger: Prefect sends its lines to the flow run's logs (with
+                    # PREFECT_LOGGING_EXTRA_LOGGERS=genloop, as the CLI and the deployments set)
+                    done += 1
+                    if done % every == 0 or done == n:
+                        log.info("%d of %d chunks done on the Dask cluster at %s", done, n, address,
+                                 extra=NOT_ON_CONSOLE)
+                    report(results[i])
+                    if until(results[i]):
+                        client.cancel(futures)  # the chunks not started are dropped, the running ones end
+                        break
+            return [results[i] for i in sorted(results)]
+
+        # No heartbeats for the chunks' flow run: its heartbeat thread sleeps in 1 s steps and the
+        # run's end waits for it (0.5 s on average). The run lives inside the stage's process,
+        # whose exit status (or the calling flow run's heartbeats, under a deployment) tells a
+        # crash; a run that completes or fails is marked so either way.
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return run_chunks()
     finally:
-        if cluster is not None:
-            cluster.close()
+        if local is not None:
+            local.close()
 
 
 def engine_summary(settings: ParallelParams) -> str:
