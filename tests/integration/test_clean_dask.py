@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from genloop.core import chunk_map
 from tests.data.test_clean_parallel import build_corpus, clean_with, outputs
 
 distributed = pytest.importorskip("distributed")
@@ -28,14 +29,24 @@ def cluster() -> Iterator[distributed.LocalCluster]:
         yield c
 
 
-def test_clean_on_a_local_dask_cluster_matches_one_process(tmp_path: Path) -> None:
+def test_clean_on_a_local_dask_cluster_matches_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """data.mode auto on a corpus that turns colour part-way: the grey pass stops at the first chunk
-    with colour (the rest of its chunks cancelled on the cluster), then every file is cleaned in RGB."""
+    with colour (the rest of its chunks cancelled on the cluster), then every file is cleaned in RGB,
+    both passes on the one local cluster the stage started."""
+    started: list[chunk_map._LocalCluster] = []
+
+    class Counted(chunk_map._LocalCluster):
+        def run(self) -> None:
+            started.append(self)
+            super().run()
+
+    monkeypatch.setattr(chunk_map, "_LocalCluster", Counted)
     src = tmp_path / "src"
     build_corpus(src, 60, colour_from=40)
     one, _ = clean_with(tmp_path, src, "serial", "auto", "parallel.engine=serial")
     dask, summary = clean_with(tmp_path, src, "dask", "auto", "parallel.engine=dask", "parallel.workers=2",
                                "parallel.chunk_size=8")
+    assert len(started) == 1 and started[0].cluster is not None
     manifest, report, images = outputs(dask)
     manifest_1, report_1, images_1 = outputs(one)
     pd.testing.assert_frame_equal(manifest, manifest_1)

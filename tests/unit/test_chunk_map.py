@@ -97,3 +97,23 @@ def test_a_local_cluster_that_cannot_start_names_the_cause_in_the_caller() -> No
             cluster.address()
     finally:
         cluster.close()
+
+
+def test_dask_lines_below_warning_stay_out_and_a_stricter_level_stays() -> None:
+    """Under a Prefect flow run Dask's INFO records reach Prefect's root handlers: genloop's local
+    cluster raises Dask's logger to WARNING, and leaves a level already above it alone."""
+    import logging
+
+    from genloop.core.chunk_map import _quiet_dask
+
+    dask_log = logging.getLogger("distributed")
+    before = dask_log.level
+    try:
+        dask_log.setLevel(logging.INFO)
+        _quiet_dask()
+        assert dask_log.level == logging.WARNING
+        dask_log.setLevel(logging.ERROR)
+        _quiet_dask()
+        assert dask_log.level == logging.ERROR
+    finally:
+        dask_log.setLevel(before)

@@ -6,9 +6,10 @@
   the chunks that had not come back run again.
 - `dask`: a Prefect flow run (`genloop-chunks`) whose `DaskTaskRunner` holds the scheduler at
   `parallel.address` or a `LocalCluster` of `parallel.workers` processes on 127.0.0.1 started for
-  the call (started in the background while Prefect loads, its workers preloaded with the chunk's
-  module); every chunk is a Dask task submitted through the runner's client, and the flow run
-  logs their progress. Dask reruns the chunks of a worker that dies on another worker.
+  the stage (`Engine`: started in the background while Prefect loads, its workers preloaded with
+  the chunk's module, and kept for the stage's later maps); every chunk is a Dask task submitted
+  through the runner's client, and the flow run logs their progress. Dask reruns the chunks of a
+  worker that dies on another worker.
 
 The chunk function is the same for all three and for every entry point (the CLI, `dvc repro`,
 the Prefect flow): it must be a picklable module-level function (or a `functools.partial` of
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 FLOW_LOG_LINES = 20  # progress lines in the chunks' flow run, at most
 POOL_ATTEMPTS = 2  # a process pool broken by a dead worker is replaced once
+GRAPH_BATCH = 16  # chunks per graph the Dask client sends to the scheduler
 DASK_WORKERS_CONFIG = Path(__file__).with_name("dask_workers.yaml")  # why each setting: see the file
 
 
@@ -71,13 +73,55 @@ def chunked(items: Sequence[C], size: int) -> list[list[C]]:
 def chunk_map(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
               on_result: Callable[[R], None] | None = None, stop: Callable[[R], bool] | None = None) -> list[R]:
     """`[fn(c) for c in chunks]` on the engine `settings` names; see the module docstring."""
-    report = on_result or (lambda _r: None)
-    until = stop or (lambda _r: False)
-    workers = min(settings.worker_count(), len(chunks))
     if not chunks:
         return []
-    if settings.engine == "dask":
-        return _dask(fn, chunks, settings, report, until)
+    with Engine(settings, fn) as engine:
+        return engine.map(fn, chunks, on_result, stop)
+
+
+class Engine:
+    """The engine `settings` names, held over the maps of one stage: with engine dask and no
+    `parallel.address`, the first map starts a local cluster (in the background while Prefect opens
+    the flow run; its workers preloaded with `chunk_fn`'s module), every later map of the stage runs
+    on it (clean in data.mode auto maps twice), and leaving the engine closes it. A stage with
+    nothing to map starts nothing (a cluster started up front cost a no-op clean 1.5 s at 100k
+    files). The other engines hold nothing."""
+
+    def __init__(self, settings: ParallelParams, chunk_fn: Callable[..., Any]) -> None:
+        self.settings = settings
+        self._preload = _chunk_module(chunk_fn)
+        self._local: _LocalCluster | None = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+    def map(self, fn: Callable[[C], R], chunks: Sequence[C], on_result: Callable[[R], None] | None = None,
+            stop: Callable[[R], bool] | None = None) -> list[R]:
+        """`chunk_map(fn, chunks, settings, on_result, stop)` on this engine (entered)."""
+        report = on_result or (lambda _r: None)
+        until = stop or (lambda _r: False)
+        if not chunks:
+            return []
+        if self.settings.engine == "dask":
+            if self.settings.address is None and self._local is None:
+                self._local = _LocalCluster(self.settings.worker_count(), self._preload)
+            return _dask(fn, chunks, self._scheduler, report, until)
+        return _local_map(fn, chunks, self.settings, report, until)
+
+    def _scheduler(self) -> str:
+        """The Dask scheduler's address: `parallel.address`, or the local cluster's once it is up."""
+        return self._local.address() if self._local is not None else str(self.settings.address)
+
+
+def _local_map(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams, report: Callable[[R], None],
+               until: Callable[[R], bool]) -> list[R]:
+    """The chunks in this process (serial, or one worker) or on a process pool."""
+    workers = min(settings.worker_count(), len(chunks))
     if settings.engine == "serial" or workers <= 1:
         results = []
         for c in chunks:
@@ -146,6 +190,22 @@ def _run_chunk(fn: Callable[[C], R], chunk: _Boxed) -> R:
     return fn(chunk.items)  # type: ignore[arg-type]
 
 
+def _quiet_dask() -> None:
+    """Dask's own lines below WARNING in this process (a dozen per worker as a cluster starts and
+    stops) stay out of genloop's output: `silence_logs` quiets only Dask's handlers, and under a
+    Prefect flow run the records reach Prefect's handlers on the root logger. The local cluster's
+    workers run it too, as this module's `dask_setup`."""
+    dask_log = logging.getLogger("distributed")
+    if dask_log.getEffectiveLevel() < logging.WARNING:
+        dask_log.setLevel(logging.WARNING)
+
+
+def dask_setup(worker: object) -> None:
+    """Dask's hook for a preloaded module, run as a worker starts (this module is preloaded in
+    genloop's local cluster): the worker's lines below WARNING stay out of the output too."""
+    _quiet_dask()
+
+
 def _prefect_api_url() -> str:
     """The Prefect API the flow run reports to: PREFECT_API_URL when set, else the temporary server
     of this process (started here if the caller runs outside a flow)."""
@@ -177,12 +237,14 @@ class _LocalCluster(threading.Thread):
         self.workers, self.preload = workers, preload
         self.cluster: Any = None
         self.error: BaseException | None = None
+        import distributed  # noqa: F401  # here, in the caller's thread: no import in the start thread races Prefect's
         self.start()
 
     def run(self) -> None:
         import dask
-        from distributed import LocalCluster  # imported by the caller already: no import races Prefect's
+        from distributed import LocalCluster  # imported by __init__ already
 
+        _quiet_dask()
         try:
             with dask.config.set(dask_settings()):  # the nannies pass them on to the workers they spawn
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
@@ -217,62 +279,60 @@ class _LocalCluster(threading.Thread):
             log.warning("the local Dask cluster did not close cleanly: %s", exc)
 
 
-def _dask(fn: Callable[[C], R], chunks: Sequence[C], settings: ParallelParams,
+def _dask(fn: Callable[[C], R], chunks: Sequence[C], scheduler: Callable[[], str],
           report: Callable[[R], None], until: Callable[[R], bool]) -> list[R]:
     """The chunks on the Dask cluster of a Prefect flow run's DaskTaskRunner, as plain Dask tasks
     submitted through the runner's client, with progress lines in the flow run's logs. Not one
     Prefect task per chunk: with Prefect's per-task engine and API work the engine took 1.79 x the
     time of local processes at 100k files on 2 cores, as Dask tasks 1.27 x (bench/README.md)."""
     from distributed import as_completed
+    from prefect import flow
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect_dask import DaskTaskRunner
 
-    local = _LocalCluster(settings.worker_count(), _chunk_module(fn)) if settings.address is None else None
-    try:
-        from prefect import flow
-        from prefect.context import FlowRunContext
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-        from prefect_dask import DaskTaskRunner
+    api_url = _prefect_api_url()
+    address = scheduler()  # after Prefect's API: a local cluster starts meanwhile
+    results: dict[int, R] = {}
 
-        api_url = _prefect_api_url()
-        address = local.address() if local is not None else settings.address
+    # no parameters: Prefect imports fastapi to serialise a flow's parameters (0.3 s)
+    @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
+          persist_result=False, validate_parameters=False)
+    def run_chunks() -> None:
+        # the results stay out of the flow's return value, which Prefect walks looking for futures
+        n, done = len(chunks), 0
+        every = -(-n // FLOW_LOG_LINES)  # a line per chunk made 196 lines at 100k files, and work for the API
+        # the runner's own client, connected on first use (prefect_dask.get_dask_client reads it
+        # before that in a flow run, and fails, in prefect-dask 0.3.7)
+        client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr]
+        # in graphs of GRAPH_BATCH chunks: the first tasks start while the rest are sent, and no graph
+        # reaches Dask's 10 MB warning (196 chunks of 512 files made one of 13.7 MB)
+        futures = client.map(partial(_run_chunk, fn), [_Boxed(c) for c in chunks], pure=False,
+                             batch_size=GRAPH_BATCH)
+        order = {f.key: i for i, f in enumerate(futures)}
+        with client.as_current():  # as_completed looks for the current client
+            # the results come with their futures, gathered on the client's loop as they finish
+            for future, result in as_completed(futures, with_results=True):
+                i = order[future.key]
+                results[i] = result
+                # genloop's logger: Prefect sends its lines to the flow run's logs (with
+                # PREFECT_LOGGING_EXTRA_LOGGERS=genloop, as the CLI and the deployments set)
+                done += 1
+                if done % every == 0 or done == n:
+                    log.info("%d of %d chunks done on the Dask cluster at %s", done, n, address,
+                             extra=NOT_ON_CONSOLE)
+                report(results[i])
+                if until(results[i]):
+                    client.cancel(futures)  # the chunks not started are dropped, the running ones end
+                    break
 
-        # no parameters: Prefect imports fastapi to serialise a flow's parameters (0.3 s)
-        @flow(name="genloop-chunks", task_runner=DaskTaskRunner(address=address), log_prints=False,
-              persist_result=False, validate_parameters=False)
-        def run_chunks() -> list[R]:
-            results: dict[int, R] = {}
-            n, done = len(chunks), 0
-            every = -(-n // FLOW_LOG_LINES)  # a line per chunk made 196 lines at 100k files, and work for the API
-            # the runner's own client, connected on first use (prefect_dask.get_dask_client reads it
-            # before that in a flow run, and fails, in prefect-dask 0.3.7)
-            client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr]
-            futures = client.map(partial(_run_chunk, fn), [_Boxed(c) for c in chunks], pure=False)
-            order = {f.key: i for i, f in enumerate(futures)}
-            with client.as_current():  # as_completed looks for the current client
-                # the results come with their futures, gathered on the client's loop as they finish
-                for future, result in as_completed(futures, with_results=True):
-                    i = order[future.key]
-                    results[i] = result
-                    # genloop's logger: Prefect sends its lines to the flow run's logs (with
-                    # PREFECT_LOGGING_EXTRA_LOGGERS=genloop, as the CLI and the deployments set)
-                    done += 1
-                    if done % every == 0 or done == n:
-                        log.info("%d of %d chunks done on the Dask cluster at %s", done, n, address,
-                                 extra=NOT_ON_CONSOLE)
-                    report(results[i])
-                    if until(results[i]):
-                        client.cancel(futures)  # the chunks not started are dropped, the running ones end
-                        break
-            return [results[i] for i in sorted(results)]
-
-        # No heartbeats for the chunks' flow run: its heartbeat thread sleeps in 1 s steps and the
-        # run's end waits for it (0.5 s on average). The run lives inside the stage's process,
-        # whose exit status (or the calling flow run's heartbeats, under a deployment) tells a
-        # crash; a run that completes or fails is marked so either way.
-        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            return run_chunks()
-    finally:
-        if local is not None:
-            local.close()
+    # No heartbeats for the chunks' flow run: its heartbeat thread sleeps in 1 s steps and the
+    # run's end waits for it (0.5 s on average). The run lives inside the stage's process,
+    # whose exit status (or the calling flow run's heartbeats, under a deployment) tells a
+    # crash; a run that completes or fails is marked so either way.
+    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        run_chunks()
+    return [results[i] for i in sorted(results)]
 
 
 def engine_summary(settings: ParallelParams) -> str:

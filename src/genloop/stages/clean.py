@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genloop.core.chunk_map import chunk_map, chunked, engine_summary
+from genloop.core.chunk_map import Engine, chunked, engine_summary
 from genloop.core.config import Params
 from genloop.core.errors import StageInputMissing
 from genloop.core.manifest import (
@@ -96,7 +96,7 @@ def _load_cache(cache: Path) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in CACHE_COLUMNS.items()})
 
 
-def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
+def _process(cfg: Params, ws: Workspace, engine: Engine, ledger: pd.DataFrame, mode: str,
              until_colour: bool = False) -> tuple[pd.DataFrame, int]:
     """Normalise in `mode` every ledger file not yet in that mode's cache (with `until_colour`:
     stop once a chunk keeps an image with colour; the chunks already running finish); return the
@@ -123,7 +123,7 @@ def _process(cfg: Params, ws: Workspace, ledger: pd.DataFrame, mode: str,
             bar.advance(batch.num_rows, dropped=dropped)
 
         stop = (lambda batch: bool(pc.any(batch.column("colour")).as_py())) if until_colour else None
-        batches = chunk_map(partial(clean_chunk, job), chunks, cfg.parallel, advance, stop)
+        batches = engine.map(partial(clean_chunk, job), chunks, advance, stop)
     new_rows = sum(b.num_rows for b in batches)
     if new_rows:
         # straight from Arrow to the index's dtypes: no Python object per value on the way
@@ -141,18 +141,18 @@ def _kept_colour(index: pd.DataFrame, ledger: pd.DataFrame) -> tuple[int, int]:
     return int(rows["colour"].fillna(False).sum()), len(rows)
 
 
-def _clean_files(cfg: Params, ws: Workspace, ledger: pd.DataFrame) -> tuple[str, pd.DataFrame, int]:
+def _clean_files(cfg: Params, ws: Workspace, engine: Engine, ledger: pd.DataFrame) -> tuple[str, pd.DataFrame, int]:
     """The corpus mode, its per-file cache index, and how many files were decoded for them."""
     if cfg.data.mode != "auto":
-        return cfg.data.mode, *_process(cfg, ws, ledger, cfg.data.mode)
+        return cfg.data.mode, *_process(cfg, ws, engine, ledger, cfg.data.mode)
     decoded = 0
     # a file either mode's cache already knows to have colour settles it without decoding anything
     known = any(_kept_colour(_load_cache(_cache_dir(cfg, ws, m)), ledger)[0] for m in ("L", "RGB"))
     if not known:
-        index, decoded = _process(cfg, ws, ledger, "L", until_colour=True)
+        index, decoded = _process(cfg, ws, engine, ledger, "L", until_colour=True)
         if not _kept_colour(index, ledger)[0]:
             return "L", index, decoded
-    index, processed = _process(cfg, ws, ledger, "RGB")
+    index, processed = _process(cfg, ws, engine, ledger, "RGB")
     return "RGB", index, decoded + processed
 
 
@@ -292,10 +292,12 @@ def run(cfg: Params, ws: Workspace) -> dict[str, object]:
             if ws.legacy_ledger.exists() else ""
         raise StageInputMissing(f"{ws.ledger} not found: run `genloop collect` first{moved}")
     restore_interrupted_swap(ws.clean)  # a run killed mid-swap where renames cannot exchange: put it back now
-    ledger = read_ledger(ws.ledger, arrow=True)
-    negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
-    ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
-    mode, index, processed = _clean_files(cfg, ws, ledger)
+    # one engine (a local Dask cluster, with engine dask) for both of data.mode auto's passes
+    with Engine(cfg.parallel, clean_chunk) as engine:
+        ledger = read_ledger(ws.ledger, arrow=True)
+        negatives = int((ledger["role"] == ROLE_NEGATIVE).sum())  # rejected generated images: never trained on
+        ledger = ledger[ledger["role"] != ROLE_NEGATIVE].sort_values("sha256").reset_index(drop=True)
+        mode, index, processed = _clean_files(cfg, ws, engine, ledger)
     cache = _cache_dir(cfg, ws, mode)
     mode_report = _mode_report(cfg, mode, index, ledger)
     # one row per file with what the manifest and the report need, and nothing else: at 1M files
