@@ -239,10 +239,16 @@ def engine_rounds(args: argparse.Namespace, settings: list[str], services: dict[
             if engine == "dask-cluster":
                 raise SystemExit("--rounds times the local engines (processes, serial, dask) only")
             env = services if engine.startswith("dask") else None
-            seconds[engine].append(timed([*GENLOOP, "clean", *settings, *engine_settings], ws, env)["seconds"])
+            if args.in_flow:
+                out = ws / "clean_in_flow.json"
+                timed([sys.executable, str(ROOT / "bench" / "clean_in_flow.py"), "--out", str(out), *settings,
+                       *engine_settings], ws, services)
+                seconds[engine].append(json.loads(out.read_text())["seconds"])
+            else:
+                seconds[engine].append(timed([*GENLOOP, "clean", *settings, *engine_settings], ws, env)["seconds"])
     ratios = {e: [round(t / base, 3) for t, base in zip(seconds[e], seconds[engines[0]], strict=True)]
               for e in engines[1:]}
-    return {"seconds": seconds, "ratios_to_" + engines[0]: ratios,
+    return {"in_flow": args.in_flow, "seconds": seconds, "ratios_to_" + engines[0]: ratios,
             "median_ratio": {e: float(np.median(r)) for e, r in ratios.items()}}
 
 
@@ -312,6 +318,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0,
                     help="after the steps, this many more first cleans per engine, taking turns: the "
                          "engines' median ratio")
+    ap.add_argument("--in-flow", action="store_true",
+                    help="time the rounds' cleans inside a Prefect flow run, as a deployment runs the stage "
+                         "(bench/clean_in_flow.py: the stage alone, after Prefect's start)")
     args = ap.parse_args()
     workers = len(os.sched_getaffinity(0))
     corpus = args.workdir / f"corpus_{args.n}_{args.size}"
@@ -323,7 +332,8 @@ def main() -> None:
     settings = ["--set", "collect.dvc_add=false", "--set", f"collect.sources=['{corpus}']",
                 "--set", f"data.resolution={args.resolution}", "--set", "data.mode=RGB"]
     services: dict[str, str] = {}
-    if any(e.startswith("dask") for e in args.engines.split(",")) and not os.environ.get("PREFECT_API_URL"):
+    if (args.in_flow or any(e.startswith("dask") for e in args.engines.split(","))) \
+            and not os.environ.get("PREFECT_API_URL"):
         # the engine reports its tasks to a Prefect server, as a deployment on a cluster does; without
         # one, each run would start Prefect's temporary server first (13 s here, timed apart)
         from genloop.orchestrate import local_services
@@ -340,7 +350,8 @@ def main() -> None:
         if services:
             local_services.down(home)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"scale_{args.n}{'_' + args.engines.replace(',', '_') if args.data_only else ''}.json"
+    out = RESULTS / f"scale_{args.n}{'_' + args.engines.replace(',', '_') if args.data_only else ''}" \
+                    f"{'_in_flow' if args.in_flow else ''}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{args.n:,} RGB {args.size}-px PNGs -> {args.resolution} px, {workers} cores")
     print(f"{'engine':<10} {'step':<14} {'seconds':>8} {'peak GB':>8}  note")

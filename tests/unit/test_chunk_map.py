@@ -117,3 +117,30 @@ def test_dask_lines_below_warning_stay_out_and_a_stricter_level_stays() -> None:
         assert dask_log.level == logging.ERROR
     finally:
         dask_log.setLevel(before)
+
+
+MAIN_SCRIPT = '''
+import os, sys
+from pathlib import Path
+if __name__ != "__main__":  # run again inside a worker, as multiprocessing does by default
+    Path(os.environ["MAIN_MARKS"], str(os.getpid())).write_text(__name__)
+else:
+    from genloop.core.chunk_map import chunk_map
+    from genloop.core.config import ParallelParams
+    print(chunk_map(len, [[1, 2], [3], [4, 5, 6]], ParallelParams(engine="processes", workers=2)))
+'''
+
+
+def test_pool_workers_do_not_run_the_callers_main_module_again(tmp_path: Path) -> None:
+    """A deployment's main module is prefect.engine (all of Prefect) and the CLI's is genloop's CLI:
+    a worker imports what its chunks need, not them."""
+    import subprocess
+    import sys
+
+    script, marks = tmp_path / "main_script.py", tmp_path / "marks"
+    script.write_text(MAIN_SCRIPT)
+    marks.mkdir()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MAIN_MARKS": str(marks)}, check=True)
+    assert done.stdout.strip() == "[2, 1, 3]"
+    assert list(marks.iterdir()) == []

@@ -2,7 +2,8 @@
 
 - `serial`: in this process.
 - `processes`: a pool of one process per core on this machine (spawned, so a parent that has
-  loaded torch or started threads is never forked). A pool whose worker dies is replaced once and
+  loaded torch or started threads is never forked, and without running the parent's main module
+  again: `_workers_skip_main`). A pool whose worker dies is replaced once and
   the chunks that had not come back run again.
 - `dask`: a Prefect flow run (`genloop-chunks`) whose `DaskTaskRunner` holds the scheduler at
   `parallel.address` or a `LocalCluster` of `parallel.workers` processes on 127.0.0.1 started for
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -140,7 +143,8 @@ def _processes(fn: Callable[[C], R], chunks: Sequence[C], workers: int, report: 
         todo = [i for i in range(len(chunks)) if i not in results]
         try:
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-                pending: dict[Future[R], int] = {pool.submit(fn, chunks[i]): i for i in todo}
+                with _workers_skip_main(_chunk_module(fn)):  # the pool spawns its workers on submit
+                    pending: dict[Future[R], int] = {pool.submit(fn, chunks[i]): i for i in todo}
                 stopping = False
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -163,6 +167,32 @@ def _processes(fn: Callable[[C], R], chunks: Sequence[C], workers: int, report: 
                                    "lower parallel.workers or parallel.chunk_size") from None
             log.warning("a worker process died (%s); running the %d unfinished chunks again", exc, left)
     return [results[i] for i in sorted(results)]
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextmanager
+def _workers_skip_main(chunk_module: str) -> Iterator[None]:
+    """While worker processes are spawned here, this process's main module looks anonymous to
+    multiprocessing, so that a worker does not import it again before its first chunk: under a
+    deployment that module is `prefect.engine` (all of Prefect: about 2 s of CPU per worker on 2
+    cores), under the CLI genloop's CLI (0.4 s). The chunks never need it: their function lives in
+    a module of its own (a chunk function of the main module keeps multiprocessing's default)."""
+    main = sys.modules.get("__main__")
+    if main is None or chunk_module == "__main__":
+        yield
+        return
+    with _MAIN_LOCK:  # one save and restore at a time
+        spec, names = main.__spec__, vars(main)
+        file = names.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__spec__ = spec
+            if file is not None:
+                names["__file__"] = file
 
 
 class _Boxed:
@@ -246,7 +276,8 @@ class _LocalCluster(threading.Thread):
 
         _quiet_dask()
         try:
-            with dask.config.set(dask_settings()):  # the nannies pass them on to the workers they spawn
+            # the nannies pass the settings on to the workers they spawn
+            with dask.config.set(dask_settings()), _workers_skip_main(self.preload):
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                             host="127.0.0.1", dashboard_address=None, preload=[__name__, self.preload],
                                             silence_logs=logging.WARNING)
