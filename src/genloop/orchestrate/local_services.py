@@ -57,7 +57,11 @@ def _bin(name: str) -> str:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server can listen on `port`. Like the servers themselves (uvicorn, for MLflow and Prefect), the
+    probe sets SO_REUSEADDR: the connections a stopped server leaves in TIME_WAIT for a minute do
+    not hold the port (without it, `services up` right after `services down` said it was in use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
