@@ -25,6 +25,7 @@ running finish, and only the chunks that finished come back (still in chunk orde
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import sys
@@ -246,8 +247,23 @@ def _prefect_api_url() -> str:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # Prefect's own ephemeral server: one per process, stopped at exit
-    server.start()
+    if not server.running:  # the first map of this process starts it
+        server.start()
+        # stopped before Prefect's own stop at exit (atexit runs the last registered first), and
+        # without Prefect's INFO line: by then the console's stream may be closed (pytest's capture)
+        atexit.register(_stop_quietly, server)
     return server.api_url
+
+
+def _stop_quietly(server: Any) -> None:
+    """`server.stop()` with the `prefect` logger at WARNING meanwhile (the level restored after)."""
+    logger = logging.getLogger("prefect")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        server.stop()
+    finally:
+        logger.setLevel(level)
 
 
 def _chunk_module(fn: Callable[..., Any]) -> str:
