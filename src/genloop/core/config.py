@@ -481,9 +481,9 @@ class ParallelParams(_Section):
 
     engine: Literal["processes", "dask", "serial"] = Field(
         "processes",
-        description="processes: one process per core on this machine; dask: the chunks as Prefect tasks on a "
-                    "Dask cluster (parallel.address, or a local cluster of parallel.workers processes); serial: "
-                    "in this process",
+        description="processes: one process per core on this machine; dask: the chunks as Dask tasks of a "
+                    "Prefect flow run's DaskTaskRunner, on the cluster at parallel.address or a local cluster of "
+                    "parallel.workers processes; serial: in this process",
     )
     workers: int | Literal["auto"] = Field(
         "auto", description="processes (or local Dask workers); auto: the cores this process may use"
