@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from prefect import flow
-
-from genloop.core.config import load_params
-from genloop.core.workspace import Workspace
-from genloop.stages import clean
+from timed_clean import timed_clean
 
 
 @flow(name="bench-clean-in-flow", persist_result=False)
 def clean_in_flow(overrides: list[str]) -> float:
     """clean on the workspace in the current folder; its seconds."""
-    cfg = load_params("params.yaml" if Path("params.yaml").exists() else None, overrides)
-    start = time.perf_counter()
-    clean.run(cfg, Workspace.at("."))
-    return time.perf_counter() - start
+    return timed_clean(overrides)
 
 
 def main() -> None:

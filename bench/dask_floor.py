@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -51,19 +50,14 @@ def _plain_dask(fn: Callable[[Any], Any], chunks: Sequence[Any], scheduler: Call
 
 def one_clean(variant: str) -> float:
     """clean on the workspace in the current folder with `variant`; the stage's seconds."""
+    from timed_clean import timed_clean
+
     from genloop.core import chunk_map
-    from genloop.core.config import load_params
-    from genloop.core.workspace import Workspace
-    from genloop.stages import clean
 
     if variant == "dask-plain":
         chunk_map._dask = _plain_dask  # type: ignore[assignment]
     engine = "processes" if variant == "processes" else "dask"
-    cfg = load_params("params.yaml" if Path("params.yaml").exists() else None,
-                      [*SETTINGS, f"parallel.engine={engine}"])
-    start = time.perf_counter()
-    clean.run(cfg, Workspace.at("."))
-    return time.perf_counter() - start
+    return timed_clean([*SETTINGS, f"parallel.engine={engine}"])
 
 
 def main() -> None:
